@@ -2,6 +2,132 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 
-def register(sub) -> None:  # filled in by the foundation work
-    return None
+
+def register(sub) -> None:
+    p = sub.add_parser("presets", help="list the model presets", description="List every named model preset.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser(
+        "params",
+        help="cost of a preset: parameters, FLOPs, memory, KV cache",
+        description="Print a preset's total and active parameters, forward FLOPs per token, weight memory at "
+        "fp32/bf16/int8/int4 and KV-cache bytes per token. NAME is a preset or a model directory.",
+    )
+    p.add_argument("name", help="preset name (see `effilm presets`) or a checkpoint/HF directory")
+    p.add_argument("--seq-len", type=int, default=None, help="context length for attention FLOPs (default: max_seq_len)")
+    p.add_argument("--json", action="store_true", help="print JSON (keys include total_params, active_params)")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert between effilm and Hugging Face formats",
+        description="Convert a model directory. --to hf writes a directory transformers' AutoModelForCausalLM "
+        "loads; --to effilm writes an effilm checkpoint. SRC may be either format.",
+    )
+    p.add_argument("src", help="source model directory (effilm or HF)")
+    p.add_argument("dst", help="destination directory")
+    p.add_argument("--to", choices=["hf", "effilm"], required=True, help="output format")
+    p.add_argument("--arch", default=None, help="HF architecture to write (default: chosen from the layout)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "demo",
+        help="run the end-to-end demo",
+        description="The end-to-end demo: the cost table of the real presets, then tiny dense, MoE and Arctic-"
+        "hybrid models built, run forward, decoded greedily with the KV cache (checked against full "
+        "recomputation) and round-tripped through the Hugging Face format.",
+    )
+    p.add_argument("--out", default="demo_out", help="output directory")
+    p.add_argument("--quick", action="store_true", help="smaller, faster run (CI)")
+    p.set_defaults(func=cmd_demo)
+
+
+def _human(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.3f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def _bytes(n: float) -> str:
+    for div, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= div:
+            return f"{n / div:.2f} {suffix}"
+    return f"{n:.0f} B"
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from effilm.config.cost import num_active_params, num_params
+    from effilm.config.presets import DESCRIPTIONS, get_preset, preset_names
+
+    rows = []
+    for name in preset_names():
+        cfg = get_preset(name)
+        rows.append({"name": name, "total_params": num_params(cfg), "active_params": num_active_params(cfg),
+                     "description": DESCRIPTIONS.get(name, "")})  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'preset':18s} {'total':>10s} {'active':>10s}  description")
+    for r in rows:
+        print(f"{r['name']:18s} {_human(r['total_params']):>10s} {_human(r['active_params']):>10s}  {r['description']}")
+    return 0
+
+
+def _config_for(name: str):
+    from pathlib import Path
+
+    from effilm.config import ModelConfig
+
+    if Path(name).is_dir():
+        from effilm.checkpoint import read_config
+        from effilm.hf import config_from_hf
+
+        meta = read_config(name)
+        if meta.get("format") == "effilm":
+            return ModelConfig.from_dict(meta["model"])
+        return config_from_hf(meta, f"{name}/config.json")[0]
+    return ModelConfig.from_name(name)
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from effilm.config.cost import cost_summary
+    from effilm.errors import ConfigError
+
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise ConfigError(f"--seq-len={args.seq_len} must be positive")
+    s = cost_summary(_config_for(args.name), args.seq_len)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"{s['name']}  ({s['layers']} layers, pattern {s['layer_pattern']!r})")
+    print(f"  total parameters       {s['total_params']:>18,d}  ({_human(s['total_params'])})")
+    print(f"  active per token       {s['active_params']:>18,d}  ({_human(s['active_params'])})")
+    print(f"  forward FLOPs / token  {s['flops_per_token']:>18,d}  ({_human(s['flops_per_token'], 'FLOP')} at seq {s['seq_len']})")
+    for k, v in s["weight_bytes"].items():
+        print(f"  weights {k:5s}          {_bytes(v):>18s}")
+    for k, v in s["kv_cache_bytes_per_token"].items():
+        print(f"  KV cache / token {k:5s} {_bytes(v):>18s}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import effilm
+
+    model = effilm.load(args.src)
+    if args.to == "hf":
+        effilm.save_hf(model, args.dst, arch=args.arch)
+    else:
+        effilm.save(model, args.dst)
+    print(f"wrote {args.dst} ({args.to})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from effilm.demo import run_demo
+
+    return run_demo(args.out, quick=args.quick)

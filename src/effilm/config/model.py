@@ -1,0 +1,308 @@
+"""Model and MoE configs: plain dataclasses of serialisable fields.
+
+Derived values (per-layer widths, head dims) are computed in ``__post_init__`` and kept out of
+the serialised fields. Every check that can fail raises ``ConfigError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from effilm.errors import ConfigError
+
+
+def _f(default: Any = None, help: str = "", factory=None):  # noqa: A002 - 'help' reads best here
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+ROUTERS = ("softmax_topk", "sparsemixer")
+AUX_CONVENTIONS = ("switch", "hf")
+EXPERT_IMPLS = ("auto", "reference", "sorted", "grouped_mm")
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("silu", "gelu_tanh", "gegelu")
+ROPE_TYPES = ("default", "longrope")
+LAYER_LETTERS = {"D": "dense MLP", "M": "MoE replaces the MLP", "H": "Arctic hybrid: dense residual MLP + parallel MoE"}
+
+
+def make_divisible(value: float, divisor: int, min_value: int | None = None) -> int:
+    """Round ``value`` to a multiple of ``divisor``, never more than 10% below it (OpenELM, MobileNet)."""
+    min_value = divisor if min_value is None else min_value
+    new = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if new < 0.9 * value:
+        new += divisor
+    return int(new)
+
+
+@dataclass
+class MoEConfig:
+    """A mixture-of-experts MLP: router, experts and the auxiliary losses."""
+
+    num_experts: int = _f(8, "Number of experts E in each MoE layer.")
+    top_k: int = _f(2, "Experts each token is routed to (K).")
+    expert_ffn_dim: int = _f(0, "Width F of each SwiGLU expert.")
+    router: str = _f("softmax_topk", f"Routing rule: one of {ROUTERS}. 'sparsemixer' is PhiMoE's (top-2 only).")
+    renormalize: bool = _f(True, "Renormalise the top-k softmax weights to sum to 1 (Mixtral, Arctic).")
+    router_jitter_eps: float = _f(0.01, "sparsemixer: relative logit gap under which experts stay candidates.")
+    aux_loss_coef: float = _f(0.001, "Weight of the Switch load-balancing loss in the training loss.")
+    z_loss_coef: float = _f(0.0, "Weight of the ST-MoE router z-loss mean(logsumexp(logits)^2).")
+    aux_loss_convention: str = _f(
+        "switch",
+        f"One of {AUX_CONVENTIONS}: 'switch' gives 1.0 at perfect balance (Megatron, DeepSpeed); "
+        "'hf' gives top_k (transformers' load_balancing_loss_func).",
+    )
+    capacity_factor: float | None = _f(
+        None, "Training only: per-expert capacity = ceil(cf * T * K / E); overflow is dropped. None = dropless."
+    )
+    impl: str = _f("auto", f"Expert kernel: one of {EXPERT_IMPLS}. 'auto' = grouped_mm on CUDA, sorted on CPU.")
+
+    def __post_init__(self) -> None:
+        _check_pos(self, "num_experts", "top_k", "expert_ffn_dim")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"moe.top_k={self.top_k} exceeds moe.num_experts={self.num_experts}")
+        _check_choice(self, "router", ROUTERS)
+        _check_choice(self, "aux_loss_convention", AUX_CONVENTIONS)
+        _check_choice(self, "impl", EXPERT_IMPLS)
+        if self.router == "sparsemixer" and self.top_k != 2:
+            raise ConfigError(f"moe.top_k={self.top_k}: the sparsemixer router is defined for top_k=2 only")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(f"moe.capacity_factor={self.capacity_factor} must be positive or None")
+        for name in ("aux_loss_coef", "z_loss_coef", "router_jitter_eps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"moe.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The derived shape of one layer."""
+
+    kind: str  # D, M or H
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int  # dense MLP width (D), residual MLP width (H), 0 for M
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer: dense, MoE or Arctic hybrid, with optional OpenELM scaling."""
+
+    name: str = _f("custom", "Free-form name; never used to switch behaviour.")
+    vocab_size: int = _f(32000, "Vocabulary size.")
+    d_model: int = _f(512, "Hidden size D.")
+    n_layers: int = _f(8, "Number of transformer blocks.")
+    n_heads: int = _f(8, "Query heads (per layer unless qkv_multipliers is set).")
+    n_kv_heads: int | None = _f(None, "Key/value heads for GQA; None = n_heads.")
+    head_dim: int | None = _f(None, "Per-head dimension; None = d_model // n_heads.")
+    ffn_dim: int = _f(1408, "Width of the dense MLP in D layers.")
+    residual_ffn_dim: int | None = _f(None, "Width of the residual dense MLP in H layers; None = ffn_dim.")
+    activation: str = _f("silu", f"Gated MLP activation: one of {ACTIVATIONS} (silu = SwiGLU).")
+    gegelu_limit: float = _f(20.0, "Clamp limit of the gegelu activation (Phi-3-small).")
+    layer_pattern: str = _f("D", "Layer mix, one letter per layer, tiled: D dense, M MoE, H Arctic hybrid.")
+    moe: MoEConfig | None = _f(None, "MoE settings; required when layer_pattern has M or H.")
+    norm: str = _f("rmsnorm", f"Normalisation: one of {NORMS}.")
+    norm_eps: float = _f(1e-5, "Epsilon of every norm.")
+    norm_bias: bool = _f(False, "LayerNorm has a bias (ignored for rmsnorm).")
+    attn_bias: bool = _f(False, "Bias on the Q, K and V projections.")
+    attn_out_bias: bool = _f(False, "Bias on the attention output projection.")
+    mlp_bias: bool = _f(False, "Bias on the dense MLP projections.")
+    lm_head_bias: bool = _f(False, "Bias on the LM head.")
+    tie_embeddings: bool = _f(False, "Share the input embedding with the LM head.")
+    qk_norm: bool = _f(False, "RMSNorm over each head of Q and K before RoPE (OpenELM).")
+    rope_theta: float = _f(10000.0, "RoPE base.")
+    rope_type: str = _f("default", f"RoPE variant: one of {ROPE_TYPES}.")
+    rope_partial_factor: float = _f(1.0, "Fraction of each head's dims that RoPE rotates.")
+    rope_short_factor: list[float] | None = _f(None, "LongRoPE: per-frequency factors up to the original context.")
+    rope_long_factor: list[float] | None = _f(None, "LongRoPE: per-frequency factors past the original context.")
+    rope_original_max_seq_len: int | None = _f(None, "LongRoPE: the pretraining context length.")
+    rope_short_mscale: float | None = _f(None, "LongRoPE attention scale at short context; None = derived.")
+    rope_long_mscale: float | None = _f(None, "LongRoPE attention scale at long context; None = derived.")
+    max_seq_len: int = _f(2048, "Maximum context length (positions).")
+    sliding_window: int | None = _f(None, "Attend to at most this many most recent keys (self included).")
+    qkv_multipliers: list[float] | None = _f(None, "OpenELM layer-wise scaling: (lo, hi) of the QKV multiplier.")
+    ffn_multipliers: list[float] | None = _f(None, "OpenELM layer-wise scaling: (lo, hi) of the FFN multiplier.")
+    num_gqa_groups: int = _f(1, "OpenELM: query heads per KV head under layer-wise scaling.")
+    ffn_dim_divisor: int = _f(256, "OpenELM: FFN widths are rounded to a multiple of this.")
+    init_std: float = _f(0.02, "Std of the normal initialisation of weights.")
+    hf_architecture: str | None = _f(None, "Transformers class to export as; None = chosen from the layout.")
+    bos_token_id: int | None = _f(None, "BOS token id, written into exported configs.")
+    eos_token_id: int | None = _f(None, "EOS token id, written into exported configs.")
+    pad_token_id: int | None = _f(None, "PAD token id, written into exported configs.")
+    attention_block_sparse: bool = _f(
+        False, "Phi-3-small's block-sparse attention. Informational: effilm runs dense attention in its place."
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**_known(MoEConfig, self.moe, "moe"))
+        for name in ("rope_short_factor", "rope_long_factor", "qkv_multipliers", "ffn_multipliers"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, [float(x) for x in v])
+        _check_pos(self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "num_gqa_groups")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        _check_pos(self, "n_kv_heads")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ConfigError(
+                    f"n_heads={self.n_heads} does not divide d_model={self.d_model}; set head_dim explicitly"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        _check_pos(self, "head_dim")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        _check_choice(self, "norm", NORMS)
+        _check_choice(self, "activation", ACTIVATIONS)
+        _check_choice(self, "rope_type", ROPE_TYPES)
+        if not self.layer_pattern or set(self.layer_pattern) - set(LAYER_LETTERS):
+            raise ConfigError(
+                f"layer_pattern={self.layer_pattern!r}: use letters from {sorted(LAYER_LETTERS)} "
+                f"({'; '.join(f'{k}: {v}' for k, v in LAYER_LETTERS.items())})"
+            )
+        if self.n_layers % len(self.layer_pattern) and len(self.layer_pattern) != 1:
+            raise ConfigError(
+                f"layer_pattern={self.layer_pattern!r} (length {len(self.layer_pattern)}) does not tile "
+                f"n_layers={self.n_layers}"
+            )
+        needs_moe = any(c in "MH" for c in self.layer_pattern)
+        if needs_moe and self.moe is None:
+            raise ConfigError(f"layer_pattern={self.layer_pattern!r} has MoE layers but moe is not set")
+        if any(c in "DH" for c in self.layer_pattern) and self.ffn_dim <= 0 and self.ffn_multipliers is None:
+            raise ConfigError(f"ffn_dim={self.ffn_dim} must be positive for dense (D/H) layers")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"sliding_window={self.sliding_window} must be positive or None")
+        if not 0 < self.rope_partial_factor <= 1:
+            raise ConfigError(f"rope_partial_factor={self.rope_partial_factor} must be in (0, 1]")
+        rot = self.rotary_dim
+        if rot % 2:
+            raise ConfigError(f"rotary dim {rot} (head_dim * rope_partial_factor) must be even")
+        if self.rope_type == "longrope":
+            if self.rope_original_max_seq_len is None:
+                raise ConfigError("rope_original_max_seq_len is required when rope_type='longrope'")
+            for name in ("rope_short_factor", "rope_long_factor"):
+                v = getattr(self, name)
+                if v is None or len(v) != rot // 2:
+                    got = None if v is None else len(v)
+                    raise ConfigError(f"{name} needs {rot // 2} values (rotary dim / 2), got {got}")
+        if (self.qkv_multipliers is None) != (self.ffn_multipliers is None):
+            raise ConfigError("qkv_multipliers and ffn_multipliers must be set together (OpenELM scaling)")
+        for name in ("qkv_multipliers", "ffn_multipliers"):
+            v = getattr(self, name)
+            if v is not None and len(v) != 2:
+                raise ConfigError(f"{name} must be a pair (lo, hi), got {v}")
+        if self.qkv_multipliers is not None and self.d_model % self.head_dim:
+            raise ConfigError(f"head_dim={self.head_dim} must divide d_model={self.d_model} for OpenELM scaling")
+        object.__setattr__(self, "_layers", self._derive_layers())
+
+    # ----- derived values -------------------------------------------------------------------
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rope_partial_factor)
+
+    @property
+    def layers(self) -> list[LayerShape]:
+        return self._layers  # type: ignore[attr-defined]
+
+    @property
+    def has_moe(self) -> bool:
+        return any(s.kind in "MH" for s in self.layers)
+
+    def _derive_layers(self) -> list[LayerShape]:
+        kinds = [self.layer_pattern[i % len(self.layer_pattern)] for i in range(self.n_layers)]
+        if self.qkv_multipliers is None:
+            res = self.residual_ffn_dim if self.residual_ffn_dim is not None else self.ffn_dim
+            widths = {"D": self.ffn_dim, "M": 0, "H": res}
+            return [LayerShape(k, self.n_heads, self.n_kv_heads, widths[k]) for k in kinds]
+        shapes = []
+        qkv = _linspace_round(*self.qkv_multipliers, self.n_layers)
+        ffn = _linspace_round(*self.ffn_multipliers, self.n_layers)
+        for i, kind in enumerate(kinds):
+            q_dim = make_divisible(self.d_model * qkv[i], self.head_dim * self.num_gqa_groups)
+            heads = q_dim // self.head_dim
+            if heads % self.num_gqa_groups:
+                raise ConfigError(f"layer {i}: {heads} heads not divisible by num_gqa_groups={self.num_gqa_groups}")
+            width = 0 if kind == "M" else make_divisible(ffn[i] * self.d_model, self.ffn_dim_divisor)
+            shapes.append(LayerShape(kind, heads, heads // self.num_gqa_groups, width))
+        return shapes
+
+    # ----- serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        return cls(**_known(cls, d, "model"))
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> ModelConfig:
+        from effilm.config.presets import get_preset
+
+        cfg = get_preset(name)
+        if overrides:
+            d = cfg.to_dict()
+            d.update(overrides)
+            cfg = cls.from_dict(d)
+        return cfg
+
+    # ----- cost accounting (see effilm.config.cost) -----------------------------------------
+    def num_params(self) -> int:
+        from effilm.config.cost import num_params
+
+        return num_params(self)
+
+    def num_active_params(self) -> int:
+        from effilm.config.cost import num_active_params
+
+        return num_active_params(self)
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        from effilm.config.cost import flops_per_token
+
+        return flops_per_token(self, seq_len)
+
+
+def _linspace_round(lo: float, hi: float, n: int) -> list[float]:
+    if n == 1:
+        return [round(lo, 2)]
+    return [round(lo + (hi - lo) * i / (n - 1), 2) for i in range(n)]
+
+
+def _known(cls, d: dict, where: str) -> dict:
+    names = {f.name for f in fields(cls)}
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        from effilm.errors import closest
+
+        hints = "; ".join(
+            f"{k!r}" + (f" (did you mean {', '.join(map(repr, closest(k, names)))}?)" if closest(k, names) else "")
+            for k in unknown
+        )
+        raise ConfigError(f"unknown {where} config key(s): {hints}")
+    return dict(d)
+
+
+def _check_pos(obj, *names: str) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            prefix = "moe." if isinstance(obj, MoEConfig) else ""
+            raise ConfigError(f"{prefix}{name}={v!r} must be a positive integer")
+
+
+def _check_choice(obj, name: str, choices) -> None:
+    v = getattr(obj, name)
+    if v not in choices:
+        from effilm.errors import closest
+
+        prefix = "moe." if isinstance(obj, MoEConfig) else ""
+        near = closest(str(v), choices)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"{prefix}{name}={v!r} is not one of {list(choices)}{hint}")
+
+
+def longrope_mscale(factor: float, original: int) -> float:
+    """LongRoPE's default attention scale sqrt(1 + ln(s) / ln(original)), 1 when s <= 1."""
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))

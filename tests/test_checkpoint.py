@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+
+import effilm
+from effilm.config import ModelConfig
+from effilm.errors import CheckpointError
+from effilm.model import build_model
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = ModelConfig.from_name("tiny-moe", vocab_size=300)
+    model = build_model(cfg, seed=11)
+    effilm.save(model, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert meta["format"] == "effilm" and meta["schema_version"] == 1 and "model.safetensors" in meta["checksums"]
+    back = effilm.load(tmp_path / "ck")
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model.eval()(ids).logits)
+    assert back.lm_head.weight is back.embed.weight  # tying survives
+
+
+def test_atomic_save_leaves_old_checkpoint_on_failure(tmp_path, monkeypatch):
+    cfg = ModelConfig.from_name("tiny-dense", vocab_size=300)
+    effilm.save(build_model(cfg, seed=1), tmp_path / "ck")
+    before = (tmp_path / "ck" / "model.safetensors").read_bytes()
+    import effilm.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "sha256_file", boom)
+    with pytest.raises(OSError):
+        effilm.save(build_model(cfg, seed=2), tmp_path / "ck")
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temp dirs left behind
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    cfg = ModelConfig.from_name("tiny-dense", vocab_size=300)
+    effilm.save(build_model(cfg), tmp_path / "ck")
+    w = tmp_path / "ck" / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        effilm.load(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        effilm.load(tmp_path)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        effilm.load(tmp_path / "nope")
+
+
+def test_mis_shaped_effilm_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = ModelConfig.from_name("tiny-dense", vocab_size=300)
+    effilm.save(build_model(cfg), tmp_path / "ck")
+    w = tmp_path / "ck" / "model.safetensors"
+    sd = load_file(str(w))
+    sd["layers.2.mlp.down.weight"] = torch.zeros(3, 3)
+    save_file(sd, str(w))
+    with pytest.raises(CheckpointError, match=r"layers\.2\.mlp\.down\.weight: checkpoint \(3, 3\)"):
+        effilm.load(tmp_path / "ck", verify=False)

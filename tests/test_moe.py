@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from effilm.config import MoEConfig
+from effilm.moe import MoE, capacity_keep_mask, load_balancing_loss
+
+
+def _moe(E, K, skew=False, **kw):
+    torch.manual_seed(E * 10 + K)
+    m = MoE(32, MoEConfig(num_experts=E, top_k=K, expert_ffn_dim=24, **kw))
+    with torch.no_grad():
+        m.router.weight.normal_(0, 1)
+        if skew:  # with inputs shifted along U (see _x), the first half of the experts get no tokens
+            m.router.weight[: E // 2] = -30 * U
+        m.experts.w_gate_up.normal_(0, 0.2)
+        m.experts.w_down.normal_(0, 0.2)
+    return m
+
+
+U = torch.nn.functional.normalize(torch.ones(32), dim=0)
+
+
+def _x(*shape):
+    return torch.randn(*shape, 32) + 5 * U
+
+
+def _run(m, impl, x):
+    m.impl = impl
+    for p in m.parameters():
+        p.grad = None
+    x = x.clone().requires_grad_(True)
+    y, stats = m(x)
+    (y.square().sum() + stats.prob_sum_E.sum()).backward()
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("E", [4, 8, 32])
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("skew", [False, True])
+def test_fast_paths_match_reference_forward_and_backward(E, K, skew):
+    if K > E:
+        pytest.skip("top_k > experts")
+    m = _moe(E, K, skew)
+    x = _x(3, 37)
+    ref = _run(m, "reference", x)
+    impls = ["sorted", "grouped_mm"] if hasattr(torch.nn.functional, "grouped_mm") else ["sorted"]
+    for impl in impls:
+        got = _run(m, impl, x)
+        torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5)
+        for n in ref[2]:
+            torch.testing.assert_close(got[2][n], ref[2][n], atol=1e-5, rtol=1e-5, msg=f"{impl} grad {n}")
+    if skew and K <= E - E // 2:
+        _, stats = m(x)
+        assert (stats.counts_E[: E // 2] == 0).all()  # experts that get no tokens
+
+
+def test_capacity_dropping_counts_and_agrees():
+    m = _moe(4, 2, skew=True, capacity_factor=1.0)
+    m.train()
+    x = _x(64)
+    ref = _run(m, "reference", x)
+    got = _run(m, "sorted", x)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+    _, stats = m(x)
+    capacity = 64 * 2 // 4
+    kept_per_expert = stats.counts_E.clamp(max=capacity)
+    assert int(stats.dropped) == int((stats.counts_E - kept_per_expert).sum()) > 0
+    m.eval()  # dropless at inference
+    assert int(m(x)[1].dropped) == 0
+
+
+def test_capacity_mask_prefers_first_choices():
+    # expert 0 is the first choice of tokens 0 and 1 and the second of token 2; expert 1 is the
+    # first choice of token 2 and the second of tokens 0 and 1. With room for 2, first choices win,
+    # then earlier tokens.
+    ids = torch.tensor([[0, 1], [0, 1], [1, 0]])
+    keep = capacity_keep_mask(ids, 2, capacity=2)
+    assert keep.tolist() == [[True, True], [True, False], [True, False]]
+
+
+def test_aux_loss_conventions_at_perfect_balance():
+    E, K, T = 8, 2, 64
+    counts = torch.full((E,), T * K / E)
+    probs = torch.full((E,), T / E)
+    assert load_balancing_loss(counts, probs, T, K, "switch").item() == pytest.approx(1.0)
+    assert load_balancing_loss(counts, probs, T, K, "hf").item() == pytest.approx(K)
+
+
+def test_hf_convention_matches_transformers():
+    tf = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    m = _moe(8, 2, aux_loss_convention="hf")
+    x = torch.randn(50, 32)
+    logits = torch.nn.functional.linear(x, m.router.weight)
+    _, stats = m(x)
+    ours = load_balancing_loss(stats.counts_E, stats.prob_sum_E, stats.n_tokens, 2, "hf")
+    theirs = load_balancing_loss_func((logits,), num_experts=8, top_k=2)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    assert tf is not None
+
+
+def test_router_runs_in_fp32_under_bf16():
+    m = _moe(16, 2)
+    x = torch.randn(40, 32)
+    _, _, _, ids32 = m.route(x)
+    m_bf16 = m.to(torch.bfloat16)
+    _, _, _, ids16 = m_bf16.route(x.to(torch.bfloat16))
+    logits, *_ = m_bf16.route(x.to(torch.bfloat16))
+    assert logits.dtype == torch.float32
+    assert (ids16 == ids32).float().mean() > 0.9
