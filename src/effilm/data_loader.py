@@ -344,7 +344,7 @@ class StagedLoader:
         c = self.cfg
         return {
             "seq_len": c.seq_len, "seed": c.seed, "global_batch": self.global_batch,
-            "sources": {s.name: [s.val_sequences, self.datasets[s.name].num_tokens] for s in c.sources},
+            "sources": {s.name: [s.val_sequences, self.datasets[s.name].content_sha256] for s in c.sources},
             "stages": [[st.name, st.tokens, st.weights()] for st in c.stages],
         }
 

@@ -163,6 +163,8 @@ _WORKER: dict = {}
 
 
 def _worker_init(tokenizer_dir: str) -> None:
+    # One tokenizer thread per worker process: the processes are the parallelism.
+    os.environ["RAYON_NUM_THREADS"] = "1"
     from effilm.tokenizer import load_tokenizer
 
     _WORKER["tok"] = load_tokenizer(tokenizer_dir)
@@ -174,12 +176,11 @@ def _encode(tok, texts: list[str], eos_id: int, dtype: str):
 
     ids = tok.encode_batch(texts)
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.empty(int(lengths.sum()), dtype=dtype)
-    pos = 0
-    for x in ids:
-        flat[pos : pos + len(x)] = x
-        flat[pos + len(x)] = eos_id
-        pos += len(x) + 1
+    joined: list[int] = []
+    for x in ids:  # list.extend runs in C; one numpy conversion at the end
+        joined.extend(x)
+        joined.append(eos_id)
+    flat = np.array(joined, dtype=dtype)
     return flat, lengths
 
 
@@ -408,6 +409,14 @@ class TokenDataset:
     @property
     def num_tokens(self) -> int:
         return int(self.doc_lengths.sum())
+
+    @property
+    def content_sha256(self) -> str:
+        """One hash over every shard's checksum: changes whenever any token changes."""
+        h = hashlib.sha256()
+        for s in self.manifest["shards"]:
+            h.update(f"{s['sha256']}:{s['index_sha256']};".encode())
+        return h.hexdigest()
 
     def document(self, i: int):
         s = int(self.doc_start[i])

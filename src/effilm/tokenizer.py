@@ -114,7 +114,7 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         fast = getattr(self.backend, "encode_batch_fast", None) or self.backend.encode_batch
-        return [list(e.ids) for e in fast(list(texts), add_special_tokens=False)]
+        return [e.ids for e in fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
