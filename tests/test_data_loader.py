@@ -262,6 +262,10 @@ def test_bad_input_fails_before_start(root, tmp_path):
     cfg = _cfg(root, sources=srcs, stages=[{"name": "s", "tokens": 9, "mixture": {"synthetic": 1}}])
     with pytest.raises(EffilmError, match=r"data source 'synthetic': shard .*shard_00000.bin: sha256"):
         StagedLoader(cfg, 1, 1)
+    loader = StagedLoader(_cfg(root), 8, 4)
+    StagedLoader(_cfg(root), 8, 4, model_vocab_size=loader.vocab_size)
+    with pytest.raises(EffilmError, match=f"{loader.vocab_size}-token vocabulary but the model's vocab_size is 256"):
+        StagedLoader(_cfg(root), 8, 4, model_vocab_size=256)
     with pytest.raises(EffilmError, match="global_batch=6 must split"):
         StagedLoader(_cfg(root), 6, 4)
     with pytest.raises(EffilmError, match="rank=2"):

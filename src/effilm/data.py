@@ -5,7 +5,7 @@ This module re-exports the public names of ``effilm.data_shards`` (files -> shar
 
 Loader API (for the trainer)
 ----------------------------
-``StagedLoader(cfg: DataConfig, global_batch, micro_batch, rank=0, world_size=1)``
+``StagedLoader(cfg: DataConfig, global_batch, micro_batch, rank=0, world_size=1, model_vocab_size=None)``
 
 * ``cfg`` is ``effilm.config.data.DataConfig`` (sources, stages, seq_len, seed, doc_ids).
   Construction opens every source's dataset and verifies shard checksums, so a missing file or a
@@ -25,8 +25,9 @@ Loader API (for the trainer)
   also resumes under another world size or micro-batch size.
 * ``validation_batches(micro_batch=None)`` returns ``{source: [Batch, ...]}``: each source's
   ``val_sequences`` held-out rows (documents never used for training), this rank's share.
-* ``vocab_size`` and ``eos_id`` come from the datasets' manifests; pass the model's vocab size to
-  ``check_vocab`` (from ``effilm.tokenizer``) before training.
+* ``vocab_size`` and ``eos_id`` come from the datasets' manifests; pass ``model_vocab_size`` to
+  fail at construction when the data's ids would not fit the model (``check_vocab`` in
+  ``effilm.tokenizer`` does the same for a tokenizer directory).
 """
 
 from __future__ import annotations

@@ -150,13 +150,14 @@ STATE_VERSION = 1
 class StagedLoader:
     """Yields packed micro-batches following the stage schedule; deterministic and resumable.
 
-    ``StagedLoader(cfg, global_batch, micro_batch, rank=0, world_size=1, datasets=None)``: opens
-    (and checksums) every source before anything runs. ``datasets`` may map source names to already
-    opened ``TokenDataset``s. Iterate it for ``Batch`` objects; it stops after the last stage.
+    ``StagedLoader(cfg, global_batch, micro_batch, rank=0, world_size=1, datasets=None,
+    model_vocab_size=None)``: opens (and checksums) every source before anything runs, and checks
+    the data's vocabulary fits ``model_vocab_size`` when given. ``datasets`` may map source names to
+    already opened ``TokenDataset``s. Iterate it for ``Batch`` objects; it stops after the last stage.
     """
 
     def __init__(self, cfg, global_batch: int, micro_batch: int, rank: int = 0, world_size: int = 1,
-                 datasets: dict | None = None):
+                 datasets: dict | None = None, model_vocab_size: int | None = None):
         import numpy as np
 
         from effilm.data_shards import TokenDataset
@@ -188,6 +189,11 @@ class StagedLoader:
             raise EffilmError(f"data sources were tokenized with different tokenizers (sha256 per source: {shas})")
         first = datasets[cfg.sources[0].name]
         self.vocab_size, self.eos_id = first.vocab_size, first.eos_id
+        if model_vocab_size is not None and self.vocab_size > model_vocab_size:
+            raise EffilmError(
+                f"the data was tokenized with a {self.vocab_size}-token vocabulary but the model's vocab_size is "
+                f"{model_vocab_size}; token ids would fall outside the embedding table"
+            )
         self.source_names = [s.name for s in cfg.sources]
         self.streams: dict[str, SourceStream] = {}
         self._val_rows: dict[str, tuple] = {}
