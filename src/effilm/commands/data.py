@@ -1,0 +1,109 @@
+"""Tokenizer and data commands: ``effilm tokenizer train`` and ``effilm data tokenize``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _add_config_args(p, cls, skip=()) -> None:
+    """Add ``--field-name`` options for the dataclass fields of ``cls``, with their help text."""
+    from dataclasses import MISSING, fields
+
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction,
+                           help=f.metadata.get("help", ""))
+        else:
+            p.add_argument(flag, dest=f.name, type=type(default), default=default, metavar=f.name.upper(),
+                           help=f"{f.metadata.get('help', '')} (default: {default!r})"[:300])
+
+
+def _config(cls, args):
+    from dataclasses import fields
+
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def cmd_tokenizer_train(args) -> int:
+    from effilm.config.data import TokenizerTrainConfig
+    from effilm.tokenizer import load_tokenizer, train_tokenizer
+
+    cfg = _config(TokenizerTrainConfig, args)
+    out = train_tokenizer(args.input, args.out, cfg)
+    tok = load_tokenizer(out)
+    print(f"wrote {out}: {tok.vocab_size} tokens, eos={tok.eos_id} pad={tok.pad_id}, sha256 {tok.sha256[:16]}")
+    return 0
+
+
+def cmd_data_tokenize(args) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from effilm.config.data import TokenizeConfig
+    from effilm.data_shards import tokenize_files
+
+    cfg = _config(TokenizeConfig, args)
+    t0 = time.perf_counter()
+    bars: list = []  # created on the first batch, so input errors print no empty bar
+
+    def progress(docs: int, tokens: int) -> None:
+        if not bars:
+            bars.append(tqdm(unit="doc", desc="tokenize", disable=args.quiet))
+        bars[0].update(docs)
+
+    try:
+        m = tokenize_files(args.input, args.tokenizer, args.out, cfg, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    dt = time.perf_counter() - t0
+    skipped = sum(i["skipped_empty"] for i in m["inputs"])
+    print(
+        f"wrote {args.out}: {m['documents']} documents, {m['tokens']} tokens ({m['dtype']}) in "
+        f"{len(m['shards'])} shard(s) from {len(m['inputs'])} file(s); {skipped} empty document(s) skipped; "
+        f"{m['tokens'] / max(dt, 1e-9):,.0f} tokens/s"
+    )
+    return 0
+
+
+def register(sub) -> None:
+    from effilm.config.data import TokenizeConfig, TokenizerTrainConfig
+
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer",
+                         description="Tokenizer commands.")
+    tsub = tok.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND")
+    t = tsub.add_parser(
+        "train", help="train a byte-level BPE on JSONL(.gz) / text / parquet files",
+        description="Train a byte-level BPE with the tokenizers library and save an HF tokenizer directory "
+        "(tokenizer.json, tokenizer_config.json with a chat template, special_tokens_map.json) that "
+        "transformers' AutoTokenizer loads. Inputs are streamed.",
+    )
+    t.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help="input files, directories or glob patterns (.jsonl[.gz], .txt[.gz], .md, .parquet)")
+    t.add_argument("--out", required=True, metavar="DIR", help="output tokenizer directory (written atomically)")
+    _add_config_args(t, TokenizerTrainConfig, skip=("chat_template",))
+    t.set_defaults(func=cmd_tokenizer_train)
+    tok.set_defaults(func=lambda a: (tok.print_help(), 2)[1])
+
+    data = sub.add_parser("data", help="tokenize text into token shards", description="Data commands.")
+    dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    d = dsub.add_parser(
+        "tokenize", help="turn JSONL(.gz) / text / parquet files into checksummed token shards",
+        description="Tokenize documents into uint16/uint32 shards (.bin + .idx.npy document offsets) with EOS "
+        "after every document, and a manifest.json holding shard checksums, input file hashes, the "
+        "tokenizer hash and counts. The dataset directory appears atomically. Plain-text files hold one "
+        "document per blank-line-separated block (--text-split paragraph) or per file (--text-split file).",
+    )
+    d.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help="input files, directories or glob patterns (.jsonl[.gz], .txt[.gz], .md, .parquet)")
+    d.add_argument("--tokenizer", required=True, metavar="DIR", help="HF tokenizer directory (tokenizer.json)")
+    d.add_argument("--out", required=True, metavar="DIR", help="output dataset directory")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_args(d, TokenizeConfig)
+    d.set_defaults(func=cmd_data_tokenize)
+    data.set_defaults(func=lambda a: (data.print_help(), 2)[1])
