@@ -41,6 +41,7 @@ class FakeOpenAIServer:
         prompt = body["messages"][-1]["content"] if "messages" in body else body.get("prompt", "")
         with self.lock:
             self.log.append({"behaviour": what, "prompt": prompt, "t": time.monotonic(),
+                             "body_sha": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(),
                              "auth": h.headers.get("authorization")})
         if self.latency_s:
             time.sleep(self.latency_s)
@@ -72,9 +73,10 @@ class FakeOpenAIServer:
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def ok_prompts(self) -> list[str]:
+    def answered(self) -> list[str]:
+        """Body hashes of the requests that got a good answer (the ones a provider would bill)."""
         with self.lock:
-            return [e["prompt"] for e in self.log if e["behaviour"] in ("ok", "slow")]
+            return [e["body_sha"] for e in self.log if e["behaviour"] in ("ok", "slow")]
 
     @property
     def base_url(self) -> str:

@@ -124,9 +124,12 @@ class Recipe:
             raise ConfigError(f"inject_words={self.inject_words} needs at least that many words in vocabulary")
 
     def content_hash(self) -> str:
-        """Hash of everything that decides the records' content (not budgets or retry settings)."""
+        """Hash of what decides each record's content (not counts, budgets or retry settings)."""
         d = dataclasses.asdict(self)
         d.pop("budget")
+        d.pop("records")  # counts only extend or shorten a run: record i is the same either way
+        for k in ("records", "web_records"):
+            d["procedural"].pop(k)
         d["openai"] = {k: d["openai"][k] for k in ("base_url", "model", "endpoint")}
         d["local"].pop("batch_size")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
