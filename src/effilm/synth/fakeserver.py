@@ -88,6 +88,7 @@ class FakeOpenAIServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out in two writes: avoid the 40 ms stall
 
             def do_POST(self):  # noqa: N802
                 server.handle(self)
@@ -95,7 +96,10 @@ class FakeOpenAIServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 256  # the default backlog of 5 resets connections under load
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -111,3 +115,24 @@ class FakeOpenAIServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def main(argv=None) -> int:
+    """Serve until killed, printing the base URL first (benchmarks run it in its own process)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Scripted OpenAI-compatible server on 127.0.0.1 (tests, benchmarks)")
+    ap.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    args = ap.parse_args(argv)
+    server = FakeOpenAIServer(latency_s=args.latency).start()
+    print(server.base_url, flush=True)
+    try:
+        assert server.thread is not None
+        server.thread.join()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
