@@ -36,7 +36,7 @@ def _read_table(name: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fact_universe() -> tuple[Fact, ...]:
     """Every fact the bundled tables give, in a fixed order."""
     facts: list[Fact] = []

@@ -12,7 +12,7 @@ from importlib import resources
 from effilm.synth.domain_math import Problem
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def units() -> tuple[dict, ...]:
     text = resources.files("effilm.synth").joinpath("tables", "units.csv").read_text(encoding="utf-8")
     rows = []

@@ -52,7 +52,7 @@ class LocalBackend:
             texts = self.gen.generate([j.prompt for j in batch], s.max_tokens, s.temperature, s.top_p, batch[0].seed)
             if len(texts) != len(batch) or not all(isinstance(t, str) for t in texts):
                 raise EffilmError(f"local generator returned {len(texts)} items for {len(batch)} prompts")
-            for j, text in zip(batch, texts):
+            for j, text in zip(batch, texts, strict=True):
                 records.append(make_record(
                     j.id, text, backend="local", model=self.recipe.local.checkpoint, prompt=j.prompt,
                     topic=j.topic, audience=j.audience, style=j.style, kind=j.kind,

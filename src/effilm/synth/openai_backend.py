@@ -23,7 +23,7 @@ from pathlib import Path
 from effilm.errors import EffilmError
 from effilm.io import atomic_write_json
 from effilm.synth.prompts import Job
-from effilm.synth.recipe import Budget, OpenAIConfig, Recipe
+from effilm.synth.recipe import Budget, Recipe
 from effilm.synth.records import count_tokens, make_record
 
 
@@ -228,4 +228,4 @@ class OpenAIBackend:
         if failures:
             hard = [f for f in failures if not isinstance(f, BudgetExhausted)]
             raise (hard or failures)[0]
-        return [self.to_record(j, r) for j, (r, _cached) in zip(jobs, replies)]
+        return [self.to_record(j, r) for j, (r, _cached) in zip(jobs, replies, strict=True)]

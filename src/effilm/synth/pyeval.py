@@ -182,7 +182,7 @@ class _Interp:
             return result
         if isinstance(node, ast.Compare):
             left = self.expr(node.left)
-            for op, comp in zip(node.ops, node.comparators):
+            for op, comp in zip(node.ops, node.comparators, strict=True):
                 if type(op) not in _CMPOPS:
                     raise SandboxError(f"line {node.lineno}: comparison {type(op).__name__} not allowed")
                 right = self.expr(comp)

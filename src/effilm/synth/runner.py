@@ -37,7 +37,9 @@ class Stream:
 
 
 def streams_for(recipe: Recipe, limit: int | None) -> list[Stream]:
-    cap = (lambda n: n if limit is None else min(n, limit))
+    def cap(n: int) -> int:
+        return n if limit is None else min(n, limit)
+
     if recipe.backend == "procedural":
         out = [Stream("textbook", cap(recipe.procedural.records))]
         if recipe.procedural.web_records:
