@@ -88,6 +88,9 @@ class Run:
         self.hash = recipe.content_hash()
         if recipe.backend != "procedural":
             check_teacher_recipe(recipe)
+            if self.workers > 1:
+                self.log("note: --workers applies to procedural shards; teacher backends run one process "
+                         "and overlap requests with [openai] concurrency instead")
 
     # -- manifest --------------------------------------------------------------------------
     def load_manifest(self) -> dict:
