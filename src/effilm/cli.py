@@ -19,6 +19,7 @@ from effilm.errors import EffilmError
 COMMAND_MODULES: list[str] = [
     "effilm.commands.model",
     "effilm.commands.data",
+    "effilm.commands.synth",
 ]
 
 

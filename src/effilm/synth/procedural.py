@@ -1,0 +1,193 @@
+"""The ``procedural`` backend: textbook and web-like corpora plus a held-out quiz, no model needed.
+
+Every record is a pure function of ``(seed, index)`` and the generator's arguments, so a run is
+deterministic, shards can be generated in any order by any worker, and a resumed run rebuilds
+exactly the records it lacks.
+
+Python API (what the demo calls)::
+
+    from effilm.synth import procedural
+    facts = procedural.select_facts(200, seed=0)
+    for rec in procedural.generate_corpus(2000, num_facts=200, seed=0): ...
+    for rec in procedural.generate_web_corpus(2000, num_facts=200, seed=0): ...
+    quiz = procedural.generate_quiz(num_facts=200, seed=0)   # MMLU-format dicts
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from effilm.errors import ConfigError
+from effilm.synth import domain_facts as F
+from effilm.synth import domain_math, domain_python, domain_units
+from effilm.synth.records import make_record
+from effilm.synth.voice import AUDIENCES, EXERCISE_HEADINGS, STYLES, Voice
+
+COMPUTED = {**domain_math.GENERATORS, **domain_units.GENERATORS, **domain_python.GENERATORS}
+COMPUTED_TOPICS = {**domain_math.TOPICS, **domain_units.TOPICS, **domain_python.TOPICS}
+ALL_DOMAINS = ("facts", *COMPUTED)
+select_facts = F.select_facts
+
+
+@dataclass
+class ProceduralConfig:
+    """Sizes and mix of the procedural corpora; the ``[procedural]`` table of a recipe."""
+
+    num_facts: int = field(default=200, metadata={"help": "facts drawn from the bundled tables"})
+    records: int = field(default=2000, metadata={"help": "textbook records to write"})
+    web_records: int = field(default=2000, metadata={"help": "web-like records to write (0 for none)"})
+    quiz: bool = field(default=True, metadata={"help": "write the held-out MMLU-format quiz"})
+    domains: list[str] = field(default_factory=lambda: list(ALL_DOMAINS),
+                               metadata={"help": f"domains to mix, from {list(ALL_DOMAINS)}"})
+    facts_share: float = field(default=0.6, metadata={"help": "fraction of textbook records on table facts"})
+    facts_per_record: int = field(default=6, metadata={"help": "facts taught by one textbook record"})
+    restatements: int = field(default=2, metadata={"help": "wordings of each fact within one lesson"})
+    problems_per_record: int = field(default=3, metadata={"help": "computed problems in one record"})
+    web_facts_per_record: int = field(default=2, metadata={"help": "facts buried in one web record"})
+    web_noise_sentences: int = field(default=4, metadata={"help": "distractor sentences per web record"})
+
+    def __post_init__(self):
+        for name in ("num_facts", "facts_per_record", "restatements", "problems_per_record",
+                     "web_facts_per_record"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"procedural.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("records", "web_records", "web_noise_sentences"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"procedural.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.facts_share <= 1.0:
+            raise ConfigError(f"procedural.facts_share must be in [0, 1], got {self.facts_share}")
+        bad = [d for d in self.domains if d not in ALL_DOMAINS]
+        if bad or not self.domains:
+            raise ConfigError(f"procedural.domains: unknown {bad or 'empty list'}; choose from {list(ALL_DOMAINS)}")
+
+
+def _facts_body(rng: random.Random, voice: Voice, facts: list[F.Fact], cfg: ProceduralConfig, kind: str) -> str:
+    if kind == "lesson":
+        sentences = []
+        for _ in range(cfg.restatements):
+            order = facts[:]
+            rng.shuffle(order)
+            sentences.extend(F.statement(rng, f) for f in order)
+        body = voice.join(sentences)
+        recap = [f"Question: {F.exercise_question(rng, f)}\nAnswer: {f.answer}" for f in facts[:2]]
+        review = rng.choice(["Quick review", "Check your memory", "Self-test"])
+        return f"{body}\n\n{review}:\n\n" + "\n\n".join(recap)
+    lines = [rng.choice(EXERCISE_HEADINGS)]
+    for n, f in enumerate(facts, 1):
+        q = F.exercise_question(rng, f)
+        if rng.random() < 0.5:
+            lines.append(f"Question: {q}\nAnswer: {f.answer}")
+        else:
+            lines.append(f"Exercise {n}. {q}\nSolution: {F.statement(rng, f)} The answer is {f.answer}.")
+    return "\n\n".join(lines)
+
+
+def _computed_body(rng: random.Random, voice: Voice, domain: str, cfg: ProceduralConfig, kind: str) -> str:
+    gen = COMPUTED[domain]
+    problems = [gen(rng) for _ in range(cfg.problems_per_record)]
+    if kind == "lesson":
+        return "\n\n".join(domain_math.worked(rng, p) for p in problems)
+    parts = [rng.choice(EXERCISE_HEADINGS)]
+    parts += [domain_math.exercise(rng, n, p) for n, p in enumerate(problems, 1)]
+    return "\n\n".join(parts)
+
+
+def corpus_record(index: int, *, seed: int, facts: list[F.Fact], cfg: ProceduralConfig) -> dict:
+    """Textbook record ``index``: a lesson or an exercise set, on table facts or a computed domain."""
+    rng = random.Random(f"textbook:{seed}:{index}")
+    audience, style = rng.choice(sorted(AUDIENCES)), rng.choice(sorted(STYLES))
+    voice = Voice(rng, audience, style)
+    kind = rng.choice(["lesson", "exercises"])
+    computed = [d for d in cfg.domains if d != "facts"]
+    use_facts = "facts" in cfg.domains and (not computed or rng.random() < cfg.facts_share)
+    extra: dict = {}
+    if use_facts:
+        relation = rng.choice(sorted({f.relation for f in facts}))
+        pool = [f for f in facts if f.relation == relation]
+        chosen = rng.sample(pool, min(cfg.facts_per_record, len(pool)))
+        topic_id, topic = f"facts/{relation}", F.TOPICS[relation]
+        body = _facts_body(rng, voice, chosen, cfg, kind)
+        extra["facts"] = [f.id for f in chosen]
+    else:
+        domain = rng.choice(computed)
+        topic_id, topic = domain, COMPUTED_TOPICS[domain]
+        body = _computed_body(rng, voice, domain, cfg, kind)
+    text = voice.wrap(topic, body)
+    return make_record(
+        f"textbook-{seed}-{index:09d}", text, backend="procedural", model=None,
+        prompt=f"procedural:{topic_id}/{kind}", topic=topic_id, audience=audience, style=style,
+        kind=kind, injected_words=[], seed=seed, sampling={}, extra=extra or None,
+    )
+
+
+_NOISE = [
+    "Click here to subscribe to our newsletter!", "Posted {n} days ago by user{n}.",
+    "Sponsored: cheap flights and hotel deals, book now.", "Reply | Share | Report",
+    "the weather was awful all weekend tbh", "Cookies help us deliver our services.",
+    "anyone know a good pizza place near the station?", "Top 10 tips you won't believe, number {n} is wild.",
+    "edit: fixed a typo", "Read more >>", "my cat knocked the coffee over again",
+    "Loading comments...", "Related posts: {n} things to do this summer",
+]
+
+
+def web_record(index: int, *, seed: int, facts: list[F.Fact], cfg: ProceduralConfig) -> dict:
+    """Web-like record ``index``: the same facts in loose prose, buried among distractor text."""
+    rng = random.Random(f"web:{seed}:{index}")
+    chosen = rng.sample(facts, min(cfg.web_facts_per_record, len(facts)))
+    lines = [rng.choice(_NOISE).format(n=rng.randint(2, 99)) for _ in range(cfg.web_noise_sentences)]
+    for f in chosen:
+        lines.insert(rng.randint(0, len(lines)), F.web_statement(rng, f))
+    text = "\n".join(lines)
+    return make_record(
+        f"web-{seed}-{index:09d}", text, backend="procedural", model=None, prompt="procedural:web",
+        topic="web", audience="web", style="web", kind="web", injected_words=[], seed=seed,
+        sampling={}, extra={"facts": [f.id for f in chosen]},
+    )
+
+
+def _config(cfg: ProceduralConfig | None, **overrides) -> ProceduralConfig:
+    import dataclasses
+
+    base = cfg or ProceduralConfig()
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def generate_corpus(n_records: int, num_facts: int = 200, seed: int = 0, *, start: int = 0,
+                    cfg: ProceduralConfig | None = None) -> Iterator[dict]:
+    """Yield textbook records ``start .. start+n_records-1`` (deterministic given the seed)."""
+    cfg = _config(cfg, num_facts=num_facts)
+    facts = F.select_facts(cfg.num_facts, seed)
+    for i in range(start, start + n_records):
+        yield corpus_record(i, seed=seed, facts=facts, cfg=cfg)
+
+
+def generate_web_corpus(n_records: int, num_facts: int = 200, seed: int = 0, *, start: int = 0,
+                        cfg: ProceduralConfig | None = None) -> Iterator[dict]:
+    """Yield web-like records ``start .. start+n_records-1`` (deterministic given the seed)."""
+    cfg = _config(cfg, num_facts=num_facts)
+    facts = F.select_facts(cfg.num_facts, seed)
+    for i in range(start, start + n_records):
+        yield web_record(i, seed=seed, facts=facts, cfg=cfg)
+
+
+def generate_quiz(num_facts: int = 200, seed: int = 0, questions_per_fact: int = 1) -> list[dict]:
+    """The held-out quiz: one MMLU-format item per fact and phrasing, in ``select_facts`` order.
+
+    Items are ``{"question", "subject", "choices" (4), "answer" (0-3)}``. The phrasings come
+    from ``domain_facts.QUIZ``, which the corpora never use; distractors are plausible (capitals
+    of the same continent, symbols sharing a letter, nearby atomic numbers).
+    """
+    if questions_per_fact < 1:
+        raise ConfigError(f"questions_per_fact must be at least 1, got {questions_per_fact}")
+    items = []
+    for f in F.select_facts(num_facts, seed):
+        rng = random.Random(f"quiz:{seed}:{f.id}")
+        first = rng.randrange(len(F.QUIZ[f.relation]))
+        for q in range(questions_per_fact):
+            choices = [f.answer, *F.distractors(rng, f, 3)]
+            rng.shuffle(choices)
+            items.append({"question": F.quiz_question(first + q, f), "subject": F.SUBJECTS[f.relation],
+                          "choices": choices, "answer": choices.index(f.answer)})
+    return items
