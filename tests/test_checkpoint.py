@@ -64,3 +64,16 @@ def test_mis_shaped_effilm_tensor_is_named(tmp_path):
     save_file(sd, str(w))
     with pytest.raises(CheckpointError, match=r"layers\.2\.mlp\.down\.weight: checkpoint \(3, 3\)"):
         effilm.load(tmp_path / "ck", verify=False)
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    import os
+
+    from effilm.io import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+    effilm.save(build_model(ModelConfig.from_name("tiny-dense", vocab_size=64)), tmp_path / "ck")
+    assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o777 & ~mask
