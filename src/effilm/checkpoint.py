@@ -101,6 +101,22 @@ def load_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def raise_tensor_problems(source: str, missing, unexpected, misshaped=()) -> None:
+    """One CheckpointError naming every missing, unexpected and mis-shaped tensor (first 20 of each)."""
+
+    def listed(kind: str, names, sep: str = ", ") -> str:
+        names = list(names)
+        return f"{kind} tensors: {sep.join(names[:20])}" + (" ..." if len(names) > 20 else "")
+
+    problems = [
+        listed(kind, names, sep)
+        for kind, names, sep in (("missing", missing, ", "), ("unexpected", unexpected, ", "), ("mis-shaped", misshaped, "; "))
+        if names
+    ]
+    if problems:
+        raise CheckpointError(f"{source}: " + " | ".join(problems))
+
+
 def load_state_checked(model, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``state`` into ``model``; missing, unexpected or mis-shaped tensors are named in the error."""
     expected = dict(model.state_dict())
@@ -114,15 +130,7 @@ def load_state_checked(model, state: dict[str, torch.Tensor], source: str) -> No
         for k in sorted(set(state) & set(expected))
         if tuple(state[k].shape) != tuple(expected[k].shape)
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
-    if shapes:
-        problems.append("mis-shaped tensors: " + "; ".join(shapes[:20]))
-    if problems:
-        raise CheckpointError(f"{source}: " + " | ".join(problems))
+    raise_tensor_problems(source, missing, unexpected, shapes)
     with torch.no_grad():
         for k, t in expected.items():
             t.copy_(state[k].to(t.dtype))

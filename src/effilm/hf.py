@@ -120,13 +120,9 @@ def from_hf_state(cfg: ModelConfig, arch: str, hf: dict[str, torch.Tensor], sour
     ignorable = ("rotary_emb.inv_freq",)
     unexpected = sorted(set(hf) - set(wanted) - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
     unexpected = [n for n in unexpected if not n.endswith(ignorable)]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
-    if problems:
-        raise CheckpointError(f"{source} ({arch}): " + " | ".join(problems))
+    from effilm.checkpoint import raise_tensor_problems
+
+    raise_tensor_problems(f"{source} ({arch})", missing, unexpected)
     out: dict[str, torch.Tensor] = {}
     for r in rules:
         try:

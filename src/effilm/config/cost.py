@@ -66,21 +66,21 @@ def _outer(cfg: ModelConfig) -> int:
     return v * d + head + (v if cfg.lm_head_bias else 0) + _norm(cfg, d)
 
 
-def num_params(cfg: ModelConfig) -> int:
+def _count(cfg: ModelConfig, active: bool) -> int:
     total = _outer(cfg)
     for i in range(cfg.n_layers):
         lp = layer_params(cfg, i)
-        total += lp.dense + lp.num_experts * lp.experts_per_expert
+        total += lp.dense + (lp.top_k if active else lp.num_experts) * lp.experts_per_expert
     return total
+
+
+def num_params(cfg: ModelConfig) -> int:
+    return _count(cfg, active=False)
 
 
 def num_active_params(cfg: ModelConfig) -> int:
     """Parameters one token touches: everything except the experts it is not routed to."""
-    total = _outer(cfg)
-    for i in range(cfg.n_layers):
-        lp = layer_params(cfg, i)
-        total += lp.dense + lp.top_k * lp.experts_per_expert
-    return total
+    return _count(cfg, active=True)
 
 
 def num_expert_params(cfg: ModelConfig) -> int:
