@@ -12,9 +12,11 @@ import torch
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def effilm(*args, check=True):
+def effilm(*args, check=True, cwd=None):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "effilm", *args], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "effilm", *args], capture_output=True, text=True, env=env, timeout=600, cwd=cwd
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"effilm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
