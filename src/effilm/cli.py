@@ -18,6 +18,7 @@ from effilm.errors import EffilmError
 # One line per command module; later issues add theirs here.
 COMMAND_MODULES: list[str] = [
     "effilm.commands.model",
+    "effilm.commands.evaluate",
 ]
 
 
