@@ -7,7 +7,6 @@ import json
 import random
 
 import numpy as np
-import pytest
 
 from effilm.cli import main
 from effilm.decontam import DecontamConfig, NgramIndex, clean_text, hash_batch, items_from_tasks, normalize

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,11 +11,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import harness_reference as ref  # noqa: E402
-from eval_fixtures import hf_tokenizer, make_mmlu_dir, tiny_llama, train_tokenizer  # noqa: E402
-
 from effilm.eval_report import aggregate, format_table, mean_stderr, run_evaluation  # noqa: E402
 from effilm.evaluate import BatchScorer, EvalConfig, Group, TokenizerAdapter, encode_pair, score_task  # noqa: E402
 from effilm.tasks import load_task  # noqa: E402
+from eval_fixtures import hf_tokenizer, make_mmlu_dir, tiny_llama, train_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_encode_pair_moves_trailing_space(setup):
 def test_batch_size_invariance(setup):
     task = load_task(f"mmlu:{setup['root']}")
     for scoring in ("letter", "cloze"):
-        runs = [score_task(setup["model"], setup["tok"], task, EvalConfig(shots=2, scoring=scoring, batch_size=bs))
+        runs = [score_task(setup["model"], setup["tok"], task, EvalConfig(shots=1, scoring=scoring, batch_size=bs))
                 for bs in (1, 8)]
         for a, b in zip(*runs, strict=True):
             assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-5, rel=0)
@@ -144,3 +144,36 @@ def test_perplexity_matches_direct_computation(setup, tmp_path):
         assert p["tokens"] == len(ids) - 1 and p["bytes"] == len(text.encode())
         assert p["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(text.encode()), rel=1e-5)
         assert p["perplexity"] == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-5)
+
+
+def test_cli_eval_with_corpus_report(setup, tmp_path, capsys):
+    from effilm.cli import main
+    from effilm.decontam_scan import find_contamination
+
+    model_dir = tmp_path / "model"
+    setup["model"].save_pretrained(model_dir)
+    setup["tok"].save(str(model_dir / "tokenizer.json"))
+    spec = f"mmlu:{setup['root']},name=mini"
+    leaked = setup["tests"][2]
+    leak = {"text": leaked["question"] + " " + leaked["choices"][leaked["answer"]]}
+    (tmp_path / "corpus.jsonl").write_text(json.dumps(leak) + "\n")
+    from effilm.decontam import DecontamConfig
+    from effilm.io import atomic_write_json
+
+    rep = find_contamination([spec], [tmp_path / "corpus.jsonl"], DecontamConfig(n=5))
+    atomic_write_json(tmp_path / "contam.json", rep)
+    out = tmp_path / "r.json"
+    rc = main(["eval", str(model_dir), "--task", spec, "--shots", "1", "--output", str(out),
+               "--corpus-report", str(tmp_path / "contam.json")])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    t = report["tasks"][0]
+    assert t["contamination"]["contaminated_ids"] == ["high_school_physics/2"]
+    # the CLI path (tokenizer.json + saved model) gives the API's scores
+    api = score_task(setup["model"], setup["tok"], load_task(spec), EvalConfig(shots=1))
+    flat = [v for r in t["items"] for v in r["loglikelihoods"]]
+    assert flat == pytest.approx([v for r in api for v in r["loglikelihoods"]], abs=1e-5)
+    printed = capsys.readouterr().out
+    assert "OVERALL (micro)" in printed and "contamination: 1/16 items" in printed
+    assert main(["eval", str(tmp_path), "--task", spec, "--output", str(out)]) == 2  # no tokenizer.json
+    assert "no tokenizer.json" in capsys.readouterr().err
