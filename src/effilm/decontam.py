@@ -50,7 +50,7 @@ class DecontamConfig:
     text_field: str = field(default="text", metadata={"help": "JSONL field holding the document text"})
     id_field: str = field(default="id", metadata={"help": "JSONL field holding the document id (else its line)"})
     batch_chars: int = field(default=1 << 22, metadata={"help": "characters hashed per numpy batch"})
-    bloom_log2: int = field(default=27, metadata={"help": "log2 of the Bloom filter's bit count"})
+    bloom_log2: int = field(default=25, metadata={"help": "log2 of the Bloom filter's bit count"})
     piece_separator: str = field(default=" ", metadata={"help": "text joining the pieces left after a cut"})
 
     def __post_init__(self):
@@ -100,8 +100,15 @@ class _Powers:
 
 _CHAR_POW = _Powers(_BASE_CHAR)
 _WORD_POW = _Powers(_BASE_WORD)
-_ASCII_WORD = np.zeros(128, bool)
-_ASCII_WORD[[ord(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]] = True
+# Character classes for code points below _LUT_TOP (all above are word characters):
+# 0 separator, 1 word character, 2 apostrophe (deleted).
+_LUT_TOP = max(hi for _, hi in _SEP_RANGES) + 1
+_CLASS = np.ones(_LUT_TOP + 1, np.uint8)
+_CLASS[:128] = 0
+_CLASS[[ord(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]] = 1
+for _lo, _hi in _SEP_RANGES:
+    _CLASS[_lo : _hi + 1] = 0
+_CLASS[list(_APOSTROPHES)] = 2
 
 
 @dataclass
@@ -122,15 +129,15 @@ def hash_batch(texts: list[str], n: int) -> Hashed:
     doc_offset = np.concatenate(([0], np.cumsum(lengths)[:-1])) if len(texts) else np.zeros(0, np.int64)
     joined = "\n".join(_lower(t) for t in texts)
     codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
-    keep = (codes != _APOSTROPHES[0]) & (codes != _APOSTROPHES[1])
-    pos = np.flatnonzero(keep)
-    codes = codes[keep]
-    is_word = np.ones(len(codes), bool)
-    small = codes < 128
-    is_word[small] = _ASCII_WORD[codes[small]]
-    for lo, hi in _SEP_RANGES:
-        is_word &= ~((codes >= lo) & (codes <= hi))
-    edges = np.diff(is_word.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    cls = _CLASS[np.minimum(codes, _LUT_TOP)]
+    apos = cls == 2
+    if apos.any():
+        keep = ~apos
+        pos = np.flatnonzero(keep)
+        codes, cls = codes[keep], cls[keep]
+    else:
+        pos = np.arange(len(codes))
+    edges = np.diff(cls.view(np.int8), prepend=np.int8(0), append=np.int8(0))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     pw, ipw = _CHAR_POW.get(len(codes) + 1)
     prefix = np.zeros(len(codes) + 1, _U64)
@@ -170,15 +177,25 @@ class NgramIndex:
         h = hash_batch(texts, cfg.n)
         valid = np.flatnonzero(h.gram_ok)
         keys, owners = h.grams[valid], h.word_doc[valid]
-        pairs = np.unique(np.stack([keys, owners.astype(_U64)]), axis=1)  # sorted by key, then item
-        self.keys, self.owner = pairs[0].copy(), pairs[1].astype(np.int64)
+        order = np.lexsort((owners, keys))  # by key, then item; drop repeated (key, item) pairs
+        keys, owners = keys[order], owners[order]
+        first = np.ones(len(keys), bool)
+        first[1:] = (keys[1:] != keys[:-1]) | (owners[1:] != owners[:-1])
+        self.keys, self.owner = keys[first], owners[first].astype(np.int64)
         self.checked = np.zeros(len(items), bool)
         self.checked[np.unique(self.owner)] = True
         self.bits = np.zeros(1 << max(cfg.bloom_log2 - 6, 0), _U64)
         b = self.keys >> _U64(64 - cfg.bloom_log2)
         np.bitwise_or.at(self.bits, (b >> _U64(6)).astype(np.int64), _U64(1) << (b & _U64(63)))
-        self.norm_q = [normalize(it.question) for it in items]
-        self.norm_qa = [normalize(f"{it.question} {it.answer}") for it in items]
+        _CHAR_POW.get(cfg.batch_chars + 1)  # warm the power tables outside the timed scan
+        self._norm: dict[int, tuple[str, str]] = {}
+
+    def normalized(self, item: int) -> tuple[str, str]:
+        """(question, question + answer) normalised, computed on first use for candidates only."""
+        if item not in self._norm:
+            it = self.items[item]
+            self._norm[item] = (normalize(it.question), normalize(f"{it.question} {it.answer}"))
+        return self._norm[item]
 
     def lookup(self, grams: np.ndarray, ok: np.ndarray) -> list[tuple[int, int]]:
         """(word position, item) for every n-gram found in the index."""
@@ -226,13 +243,13 @@ def scan_texts(texts: list[str], index: NgramIndex) -> list[list[dict]]:
     for (d, item), words in sorted(per_doc.items()):
         off = int(h.doc_offset[d])
         spans = _merge([(int(h.word_start[w]) - off, int(h.word_end[w + cfg.n - 1]) - off) for w in words])
-        qa = index.norm_qa[item]
+        norm_q, qa = index.normalized(item)
         pad = cfg.window_words or len(qa.split())
         first, last = min(words), max(words) + cfg.n - 1
         lo_w = max(first - pad, int(np.searchsorted(h.word_doc, d, side="left")))
         hi_w = min(last + pad, int(np.searchsorted(h.word_doc, d, side="right")) - 1)
         window = normalize(texts[d][int(h.word_start[lo_w]) - off : int(h.word_end[hi_w]) - off])
-        s_q, s_qa = matched_fraction(index.norm_q[item], window), matched_fraction(qa, window)
+        s_q, s_qa = matched_fraction(norm_q, window), matched_fraction(qa, window)
         it = index.items[item]
         out[d].append({"benchmark": it.benchmark, "item": it.uid, "index": item, "spans": spans,
                        "score_question": round(s_q, 4), "score_question_answer": round(s_qa, 4),
