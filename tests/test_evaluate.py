@@ -177,3 +177,12 @@ def test_cli_eval_with_corpus_report(setup, tmp_path, capsys):
     assert "OVERALL (micro)" in printed and "contamination: 1/16 items" in printed
     assert main(["eval", str(tmp_path), "--task", spec, "--output", str(out)]) == 2  # no tokenizer.json
     assert "no tokenizer.json" in capsys.readouterr().err
+
+
+def test_single_item_subject_has_no_stderr_and_table_still_prints():
+    recs = [{"subject": "a", "correct": True, "id": "a/0"}, {"subject": "b", "correct": False, "id": "b/0"},
+            {"subject": "b", "correct": True, "id": "b/1"}]
+    agg = aggregate(recs, ("acc",))
+    assert agg["subjects"]["a"]["acc_stderr"] is None and agg["overall"]["acc"]["macro_stderr"] is None
+    table = format_table({"tasks": [{"name": "t", **agg}]})
+    assert "n/a" in table and json.dumps(agg, allow_nan=False)

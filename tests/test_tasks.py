@@ -100,3 +100,10 @@ def test_data_hash_changes_with_content(tmp_path):
     h1 = load_task(f"csv:{f}").data_hash()
     write_csv(f, [{"question": "q", "choices": ["a", "b", "c", "d"], "answer": 1}])
     assert load_task(f"csv:{f}").data_hash() != h1
+
+
+def test_task_with_no_valid_rows_is_an_error(tmp_path):
+    f = tmp_path / "law_test.csv"
+    f.write_text("q1,a,b,c,d,Q\n")
+    with pytest.raises(EffilmError, match=r"no valid items.*law_test.csv:1: answer 'Q'"):
+        load_task(f"csv:{f}")

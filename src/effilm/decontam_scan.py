@@ -64,7 +64,7 @@ def scan_shard(path: str, clean_dir: str | None = None, index: NgramIndex | None
 
     index = index or _INDEX
     cfg = index.cfg
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     hits, n_docs, n_chars, kept, dropped, cut = [], 0, 0, 0, 0, 0
     name = Path(path).name.removesuffix(".gz")
     try:
@@ -101,7 +101,7 @@ def scan_shard(path: str, clean_dir: str | None = None, index: NgramIndex | None
     except (OSError, UnicodeDecodeError) as exc:
         raise EffilmError(f"{path}: cannot read ({exc})") from None
     return {"shard": path, "documents": n_docs, "chars": n_chars, "seconds": time.perf_counter() - t0,
-            "hits": hits, "clean": {"kept": kept, "cut": cut, "dropped": dropped} if clean_dir else None}
+            "cpu_seconds": time.process_time() - c0, "hits": hits, "clean": {"kept": kept, "cut": cut, "dropped": dropped} if clean_dir else None}
 
 
 def find_contamination(benchmarks, corpus, cfg: DecontamConfig | None = None, *, workers: int = 1,
@@ -162,12 +162,14 @@ def build_report(tasks, index: NgramIndex, shards: list[dict], cfg: DecontamConf
                         "rejected_candidates": rejected[b], "skipped_rows": task.skipped})
     chars = sum(s["chars"] for s in shards)
     scan_s = sum(s["seconds"] for s in shards)
+    cpu_s = sum(s["cpu_seconds"] for s in shards)
     totals = {"shards": len(shards), "documents": sum(s["documents"] for s in shards), "chars": chars,
               "documents_with_candidates": len(documents),
               "contaminated_documents": sum(d["confirmed"] for d in documents),
               "contaminated_items": sum(len(c) for c in confirmed), "rejected_candidates": sum(rejected),
               "index_seconds": round(t_index, 4), "wall_seconds": round(t_total, 4), "workers": workers,
-              "scan_mb_per_s_per_worker": round(chars / 1e6 / scan_s, 2) if scan_s > 0 else None}
+              "scan_mb_per_s_per_worker": round(chars / 1e6 / scan_s, 2) if scan_s > 0 else None,
+              "scan_mb_per_cpu_s": round(chars / 1e6 / cpu_s, 2) if cpu_s > 0 else None}
     clean = None
     if shards and shards[0]["clean"] is not None:
         clean = {k: sum(s["clean"][k] for s in shards) for k in ("kept", "cut", "dropped")}
@@ -177,7 +179,7 @@ def build_report(tasks, index: NgramIndex, shards: list[dict], cfg: DecontamConf
             m["benchmark"] = tasks[m["benchmark"]].name
             m.pop("index", None)
     return {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "benchmarks": benches,
-            "documents": documents, "shards": [{k: s[k] for k in ("shard", "documents", "chars", "seconds")}
+            "documents": documents, "shards": [{k: s[k] for k in ("shard", "documents", "chars", "seconds", "cpu_seconds")}
                                                for s in shards],
             "totals": totals, "clean": clean,
             "method": "hashed word n-grams over question+answer; candidates confirmed by difflib matched fraction"}

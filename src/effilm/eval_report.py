@@ -12,18 +12,18 @@ from effilm.evaluate import EvalConfig, TokenizerAdapter, perplexity, prompt_for
 from effilm.tasks import Task
 
 
-def mean_stderr(values: list[float]) -> float:
-    """Sample standard deviation over sqrt(n), as the harness reports it (nan below 2 values)."""
+def mean_stderr(values: list[float]) -> float | None:
+    """Sample standard deviation over sqrt(n), as the harness reports it (None below 2 values)."""
     n = len(values)
     if n < 2:
-        return float("nan")
+        return None
     mu = sum(values) / n
     return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1) / n)
 
 
 def _acc(records: list[dict], key: str) -> dict:
     vals = [1.0 if r[key] else 0.0 for r in records]
-    return {"n": len(vals), "acc": sum(vals) / len(vals) if vals else float("nan"), "stderr": mean_stderr(vals)}
+    return {"n": len(vals), "acc": sum(vals) / len(vals) if vals else None, "stderr": mean_stderr(vals)}
 
 
 def aggregate(records: list[dict], metrics: tuple[str, ...]) -> dict:
@@ -42,7 +42,7 @@ def aggregate(records: list[dict], metrics: tuple[str, ...]) -> dict:
         accs = [v["acc"] for v in per.values()]
         ses = [v["stderr"] for v in per.values()]
         macro = sum(accs) / len(accs) if accs else float("nan")
-        macro_se = math.sqrt(sum(se * se for se in ses)) / len(ses) if ses else float("nan")
+        macro_se = math.sqrt(sum(se * se for se in ses)) / len(ses) if ses and None not in ses else None
         out["overall"][metric] = {"micro": micro["acc"], "micro_stderr": micro["stderr"],
                                   "macro": macro, "macro_stderr": macro_se, "n": len(records),
                                   "subjects": len(per)}
@@ -57,7 +57,7 @@ def model_fingerprint(model) -> dict:
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     conf = getattr(model, "config", None)
     if conf is None:
         conf_text = ""
@@ -104,7 +104,7 @@ def run_evaluation(model, tokenizer, tasks: list[Task], cfg: EvalConfig, *, scor
             if cont is not None:
                 bad = set(cont["contaminated_ids"])
                 clean = [r for r in records if r["id"] not in bad]
-                cont["clean_acc"] = _acc(clean, "correct")["acc"] if clean else float("nan")
+                cont["clean_acc"] = _acc(clean, "correct")["acc"] if clean else None
                 entry["contamination"] = cont
             entry["items"] = records
         results.append(entry)
@@ -114,6 +114,10 @@ def run_evaluation(model, tokenizer, tasks: list[Task], cfg: EvalConfig, *, scor
                 "prompt_format": prompt_format(cfg), "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
                 "averages": "micro = mean over items; macro = mean over subjects"}
     return {"manifest": manifest, "tasks": results}
+
+
+def _f(v, width: int) -> str:
+    return f"{v:>{width}.4f}" if isinstance(v, float) else f"{'n/a':>{width}}"
 
 
 def format_table(report: dict) -> str:
@@ -130,20 +134,20 @@ def format_table(report: dict) -> str:
         lines += [f"== {t['name']} ==", head, "-" * len(head)]
         rows = [(s, v) for s, v in t["subjects"].items()]
         for s, v in rows:
-            line = f"{s:<40} {v['n']:>6} {v['acc']:>7.4f} {v['acc_stderr']:>7.4f}"
+            line = f"{s:<40} {v['n']:>6} {_f(v['acc'], 7)} {_f(v['acc_stderr'], 7)}"
             if norm:
-                line += f" {v['acc_norm']:>8.4f} {v['acc_norm_stderr']:>7.4f}"
+                line += f" {_f(v['acc_norm'], 8)} {_f(v['acc_norm_stderr'], 7)}"
             lines.append(line)
         for avg in ("micro", "macro"):
             o = t["overall"]
-            line = f"{'OVERALL (' + avg + ')':<40} {o['acc']['n']:>6} {o['acc'][avg]:>7.4f} {o['acc'][avg + '_stderr']:>7.4f}"
+            line = f"{'OVERALL (' + avg + ')':<40} {o['acc']['n']:>6} {_f(o['acc'][avg], 7)} {_f(o['acc'][avg + '_stderr'], 7)}"
             if norm:
-                line += f" {o['acc_norm'][avg]:>8.4f} {o['acc_norm'][avg + '_stderr']:>7.4f}"
+                line += f" {_f(o['acc_norm'][avg], 8)} {_f(o['acc_norm'][avg + '_stderr'], 7)}"
             lines.append(line)
         if t.get("skipped"):
             lines.append(f"skipped {len(t['skipped'])} bad rows (see report 'skipped')")
         c = t.get("contamination")
         if c is not None:
             lines.append(f"contamination: {c['contaminated']}/{c['items']} items found in the corpus; "
-                         f"acc on the clean items {c['clean_acc']:.4f}")
+                         f"acc on the clean items {_f(c['clean_acc'], 0)}")
     return "\n".join(lines)

@@ -294,6 +294,9 @@ def load_task(spec: str | TaskSpec, cfg: TaskConfig | None = None) -> Task:
             task.dev = _group(read_records(dev, ts.kind, cfg, rows))
             task.files.append(dev)
         task.items = items
+    if not task.items:
+        why = f"; first problem: {task.skipped[0]['source']}: {task.skipped[0]['reason']}" if task.skipped else ""
+        raise EffilmError(f"task {task.spec}: no valid items in split {split!r} ({len(task.skipped)} rows skipped){why}")
     _assign_uids(task)
     return task
 

@@ -39,6 +39,7 @@ def register(sub) -> None:
     p.add_argument("--strict", action="store_true", help="bad rows are errors instead of skips")
     p.add_argument("--corpus-report", metavar="R.json", help="an 'effilm decontam' report: show each "
                    "task's contamination beside its score")
+    p.add_argument("--device", default="auto", help="torch device for the model: auto (cuda when present), cpu, cuda:0...")
     p.add_argument("--output", "-o", required=True, metavar="R.json", help="where to write the report")
     p.set_defaults(func=cmd_eval)
 
@@ -108,6 +109,17 @@ def _read_json(path: str) -> dict:
         raise EffilmError(f"{path}: cannot read JSON report ({exc})") from None
 
 
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise EffilmError(f"--device: {exc}") from None
+
+
 def cmd_eval(args) -> int:
     from effilm.eval_report import format_table, run_evaluation
     from effilm.evaluate import EvalConfig
@@ -120,6 +132,7 @@ def cmd_eval(args) -> int:
     tasks = [load_task(spec, tcfg) for spec in args.task]
     corpus_report = _read_json(args.corpus_report) if args.corpus_report else None
     model, tokenizer = load_model_and_tokenizer(args.model)
+    model = model.to(_device(args.device))
     report = run_evaluation(model, tokenizer, tasks, cfg, corpus_report=corpus_report, model_path=args.model)
     atomic_write_json(args.output, report)
     print(format_table(report))
