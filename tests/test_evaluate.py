@@ -186,3 +186,26 @@ def test_single_item_subject_has_no_stderr_and_table_still_prints():
     assert agg["subjects"]["a"]["acc_stderr"] is None and agg["overall"]["acc"]["macro_stderr"] is None
     table = format_table({"tasks": [{"name": "t", **agg}]})
     assert "n/a" in table and json.dumps(agg, allow_nan=False)
+
+
+class PlainModel(torch.nn.Module):
+    """Only ``model(input_ids).logits``: the contract effilm models satisfy, no logits_to_keep."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids):
+        return self.inner(input_ids)
+
+
+def test_logits_to_keep_path_equals_full_logits(setup):
+    task = load_task(f"mmlu:{setup['root']}")
+    for scoring in ("letter", "cloze"):
+        cfg = EvalConfig(shots=1, scoring=scoring)
+        full_scorer = BatchScorer(PlainModel(setup["model"]), cfg.batch_size, 1024)
+        assert full_scorer.keep_arg is None and BatchScorer(setup["model"]).keep_arg == "logits_to_keep"
+        a = score_task(setup["model"], setup["tok"], task, cfg)
+        b = score_task(setup["model"], setup["tok"], task, cfg, scorer=full_scorer)
+        flat_a = [v for r in a for v in r["loglikelihoods"]]
+        assert flat_a == pytest.approx([v for r in b for v in r["loglikelihoods"]], abs=1e-5)

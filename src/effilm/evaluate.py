@@ -192,6 +192,15 @@ class BatchScorer:
     def __init__(self, model, batch_size: int = 8, max_length: int = 2048, pad_id: int = 0):
         self.model, self.batch_size, self.max_length, self.pad_id = model, batch_size, max_length, pad_id
         self.forward_rows = 0
+        self.keep_arg = _logits_to_keep_arg(model)
+
+    def _forward(self, ids, keep: int):
+        """Logits of the last ``keep`` positions (all positions where the model cannot skip any)."""
+        if self.keep_arg and keep < ids.shape[1]:
+            logits = self.model(ids, **{self.keep_arg: keep}).logits
+            if logits.shape[1] == keep:
+                return logits, ids.shape[1] - keep
+        return self.model(ids).logits, 0
 
     def _rows(self, groups: list[Group]):
         rows = []  # (input ids, [(group, choice, target ids)])
@@ -231,13 +240,29 @@ class BatchScorer:
                             p_idx.append(first + k)
                             tgt.append(tok)
                             owner.append((gi, ci))
-                logits = self.model(ids.to(device)).logits
-                sel = logits[torch.tensor(b_idx, device=device), torch.tensor(p_idx, device=device)].float()
+                logits, shift = self._forward(ids.to(device), width - min(p_idx))
+                pos = torch.tensor(p_idx, device=device) - shift
+                sel = logits[torch.tensor(b_idx, device=device), pos].float()
                 lp = torch.log_softmax(sel, dim=-1).gather(1, torch.tensor(tgt, device=device)[:, None])[:, 0]
                 for (gi, ci), v in zip(owner, lp.double().cpu().tolist(), strict=True):
                     out[gi][ci] += v
                 self.forward_rows += len(batch)
         return out
+
+
+def _logits_to_keep_arg(model) -> str | None:
+    """The forward argument that limits the LM head to the last positions, if the model has one
+    (transformers' ``logits_to_keep``). Only the positions that are scored are ever needed."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return name
+    return None
 
 
 def prompt_hash(text: str) -> str:
