@@ -20,6 +20,7 @@ COMMAND_MODULES: list[str] = [
     "effilm.commands.model",
     "effilm.commands.data",
     "effilm.commands.synth",
+    "effilm.commands.evaluate",
 ]
 
 
