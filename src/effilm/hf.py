@@ -270,7 +270,7 @@ def _arctic_layout(cfg: ModelConfig) -> tuple[int, bool]:
 def _rope_from_hf(h: dict) -> dict:
     rp = dict(h.get("rope_parameters") or {})
     legacy = h.get("rope_scaling") or {}
-    if legacy and not rp.get("rope_type", "default") != "default":
+    if legacy and rp.get("rope_type", "default") == "default":
         rp.update(legacy)
     theta = rp.get("rope_theta", h.get("rope_theta", 10000.0))
     kind = rp.get("rope_type", rp.get("type", "default")) or "default"

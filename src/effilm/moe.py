@@ -107,7 +107,7 @@ def capacity_keep_mask(topk_ids_TK: torch.Tensor, num_experts: int, capacity: in
 
 
 # ----- experts ------------------------------------------------------------------------------
-def _act(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
@@ -123,7 +123,7 @@ def experts_reference(x_TD, topk_ids_TK, topk_w_TK, w_gate_up_E2FD, w_down_EDF, 
         if tok_N.numel() == 0:
             continue
         gate_NF, up_NF = F.linear(x_TD[tok_N], w_gate_up_E2FD[e]).chunk(2, dim=-1)
-        y_ND = F.linear(_act("silu", gate_NF, up_NF), w_down_EDF[e])
+        y_ND = F.linear(_swiglu(gate_NF, up_NF), w_down_EDF[e])
         out_TD.index_add_(0, tok_N, y_ND * topk_w_TK[tok_N, slot_N, None].to(y_ND.dtype))
     return out_TD
 
@@ -152,7 +152,7 @@ def experts_sorted(x_TD, topk_ids_TK, topk_w_TK, w_gate_up_E2FD, w_down_EDF, kee
         offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
         h_N2F = F.grouped_mm(x_ND, w_gate_up_E2FD.transpose(-2, -1), offs=offs_E)
         gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
-        y_ND = F.grouped_mm(_act("silu", gate_NF, up_NF).contiguous(), w_down_EDF.transpose(-2, -1), offs=offs_E)
+        y_ND = F.grouped_mm(_swiglu(gate_NF, up_NF).contiguous(), w_down_EDF.transpose(-2, -1), offs=offs_E)
     else:
         outs = []
         gate_ups, downs = w_gate_up_E2FD.unbind(0), w_down_EDF.unbind(0)
@@ -160,7 +160,7 @@ def experts_sorted(x_TD, topk_ids_TK, topk_w_TK, w_gate_up_E2FD, w_down_EDF, kee
             if x_nD.shape[0] == 0:
                 continue
             gate_nF, up_nF = F.linear(x_nD, gate_ups[e]).chunk(2, dim=-1)
-            outs.append(F.linear(_act("silu", gate_nF, up_nF), downs[e]))
+            outs.append(F.linear(_swiglu(gate_nF, up_nF), downs[e]))
         y_ND = torch.cat(outs) if outs else x_ND.new_zeros(0, x_TD.shape[1])
     y_ND = y_ND * w_N[:, None].to(y_ND.dtype)
     return torch.zeros_like(x_TD).index_add_(0, tok_N, y_ND)
