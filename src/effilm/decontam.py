@@ -128,7 +128,7 @@ def hash_batch(texts: list[str], n: int) -> Hashed:
     lengths = np.fromiter((len(t) + 1 for t in texts), np.int64, len(texts))
     doc_offset = np.concatenate(([0], np.cumsum(lengths)[:-1])) if len(texts) else np.zeros(0, np.int64)
     joined = "\n".join(_lower(t) for t in texts)
-    codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+    codes = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     cls = _CLASS[np.minimum(codes, _LUT_TOP)]
     apos = cls == 2
     if apos.any():
