@@ -66,7 +66,9 @@ def mmlu_sized_items(n: int, seed: int):
     vocab += "the of a which is to in and that for by with as on from what following".split()
     items = []
     for i in range(n):
-        q = " ".join(rng.choice(vocab) for _ in range(rng.randint(25, 70)))  # MMLU questions: ~10-400 words
+        # MMLU questions run from a few words to hundreds; ~10% here are shorter than 13 words with
+        # the answer, so the scan also hashes those lengths (the items' own lengths).
+        q = " ".join(rng.choice(vocab) for _ in range(rng.randint(6, 10) if i % 10 == 0 else rng.randint(25, 70)))
         items.append(Item(q, ["alpha beta", "gamma delta", "eps zeta", "eta theta"], i % 4, "s", "x", f"s/{i}"))
     return Task("synthetic", "jsonl", "jsonl:synthetic", items=items)
 

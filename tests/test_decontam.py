@@ -141,6 +141,20 @@ def test_plain_text_gz_shards_in_parallel(tmp_path):
     assert one["benchmarks"][0]["contaminated_ids"] == ["biology/10", "biology/13"]
 
 
+def test_items_shorter_than_n_are_matched_whole():
+    short = Item("Name the enzyme that unwinds the DNA helix?", ["ligase", "helicase", "primase", "gyrase"], 1, "s", "x:1", "s/0")
+    task = Task("t", "jsonl", "jsonl:t", items=[short, *make_bench(3).items])
+    idx = NgramIndex(items_from_tasks([task]), DecontamConfig())
+    assert idx.short_lengths == [8] and idx.checked.all()  # 8 question words + the answer: 9 < 13
+    from effilm.decontam import scan_texts
+
+    texts = [FILLER + "NAME the enzyme, that unwinds the DNA helix: helicase! " + FILLER,
+             FILLER + "the dna enzyme that unwinds: name the helix " + FILLER]  # same words, no 8 in a row
+    found = scan_texts(texts, idx)
+    assert [m["item"] for m in found[0] if m["confirmed"]] == ["s/0"] and found[1] == []
+    assert NgramIndex(items_from_tasks([task]), DecontamConfig(min_words=0)).short_lengths == []
+
+
 def test_short_items_reported_unchecked():
     items = [Item("Too short to index?", ["a", "b", "c", "d"], 0, "s", "x:1", "s/0")] + make_bench(3).items
     idx = NgramIndex(items_from_tasks([Task("t", "jsonl", "jsonl:t", items=items)]), DecontamConfig())

@@ -19,11 +19,14 @@ from eval_fixtures import hf_tokenizer, make_mmlu_dir, tiny_llama, train_tokeniz
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead (and stall on a shared machine)
     root = tmp_path_factory.mktemp("mmlu")
     tests, devs = make_mmlu_dir(root, n_test=8)
     tok = train_tokenizer()
     model = tiny_llama(tok.get_vocab_size())
-    return {"root": root, "tests": tests, "devs": devs, "tok": tok, "hf_tok": hf_tokenizer(tok), "model": model}
+    yield {"root": root, "tests": tests, "devs": devs, "tok": tok, "hf_tok": hf_tokenizer(tok), "model": model}
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("shots", [0, 2])

@@ -6,7 +6,9 @@ hash computed for a whole batch of documents at once in numpy (uint64, wrapping)
 word hashes likewise, so the per-document Python cost is nil. The index holds the n-grams of every
 item's question-plus-correct-answer (which contains all of the question's n-grams) as a sorted
 uint64 array behind a one-hash Bloom bit array: a lookup costs O(1) for the ~all n-grams that miss,
-so the scan speed does not depend on the number of benchmark items.
+so the scan speed does not depend on the number of benchmark items. An item shorter than ``n``
+words (question + answer), but at least ``min_words`` long, is indexed by its ``min_words``-grams,
+which the scan hashes as one extra gram length; shorter items are reported as unchecked.
 
 A document n-gram found in the index makes a *candidate* (document, item). It is confirmed by the
 fraction of the item's normalised text that ``difflib`` finds in a window of the document around
@@ -41,6 +43,8 @@ _MIX = _U64(0xBF58476D1CE4E5B9)
 @dataclass
 class DecontamConfig:
     n: int = field(default=13, metadata={"help": "n-gram length in words (GPT-3 / lm-eval: 13)"})
+    min_words: int = field(default=8, metadata={"help": "items shorter than n words but at least this long are "
+                                                "matched by their min_words-grams; shorter ones are reported unchecked (0: off)"})
     confirm_threshold: float = field(default=0.5, metadata={"help": "matched fraction of the item text that confirms"})
     window_words: int = field(default=0, metadata={"help": "words of context around hits for confirmation; 0 = item length"})
     margin_chars: int = field(default=200, metadata={"help": "characters cut either side of a hit (GPT-3: 200)"})
@@ -60,7 +64,7 @@ class DecontamConfig:
             raise ConfigError(f"confirm_threshold: must be in (0, 1], got {self.confirm_threshold}")
         if self.mode not in ("cut", "drop"):
             raise ConfigError(f"mode: must be cut or drop, got {self.mode!r}")
-        for name in ("margin_chars", "max_pieces", "min_piece_chars", "window_words"):
+        for name in ("margin_chars", "max_pieces", "min_piece_chars", "window_words", "min_words"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")
         if not 10 <= self.bloom_log2 <= 34:
@@ -121,6 +125,16 @@ class Hashed:
     doc_offset: np.ndarray  # char offset of each text in the joined batch
     grams: np.ndarray  # hash of the n-gram starting at each word (valid where gram_ok)
     gram_ok: np.ndarray  # the n-gram lies inside one text
+    prefix: np.ndarray  # polynomial prefix sums of the word hashes, for other gram lengths
+
+    def grams_of(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Hashes of the ``length``-word grams at each word, and whether each lies inside one text."""
+        nw = len(self.word_doc)
+        if nw < length:
+            return np.zeros(0, _U64), np.zeros(0, bool)
+        _, iqw = _WORD_POW.get(nw + 1)
+        grams = (self.prefix[length:] - self.prefix[:-length]) * iqw[: nw - length + 1]
+        return grams, self.word_doc[: nw - length + 1] == self.word_doc[length - 1 :]
 
 
 def hash_batch(texts: list[str], n: int) -> Hashed:
@@ -128,7 +142,7 @@ def hash_batch(texts: list[str], n: int) -> Hashed:
     lengths = np.fromiter((len(t) + 1 for t in texts), np.int64, len(texts))
     doc_offset = np.concatenate(([0], np.cumsum(lengths)[:-1])) if len(texts) else np.zeros(0, np.int64)
     joined = "\n".join(_lower(t) for t in texts)
-    codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+    codes = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     cls = _CLASS[np.minimum(codes, _LUT_TOP)]
     apos = cls == 2
     if apos.any():
@@ -149,15 +163,12 @@ def hash_batch(texts: list[str], n: int) -> Hashed:
     w_end = pos[ends - 1] + 1 if len(ends) else np.zeros(0, np.int64)
     w_doc = np.searchsorted(doc_offset, w_start, side="right") - 1
     nw = len(wh)
-    if nw >= n:
-        qw, iqw = _WORD_POW.get(nw + 1)
-        q = np.zeros(nw + 1, _U64)
-        np.cumsum(wh * qw[:nw], out=q[1:])
-        grams = (q[n:] - q[:-n]) * iqw[: nw - n + 1]
-        ok = w_doc[: nw - n + 1] == w_doc[n - 1 :]
-    else:
-        grams, ok = np.zeros(0, _U64), np.zeros(0, bool)
-    return Hashed(w_start, w_end, w_doc, doc_offset, grams, ok)
+    qw, _ = _WORD_POW.get(nw + 1)
+    q = np.zeros(nw + 1, _U64)
+    np.cumsum(wh * qw[:nw], out=q[1:])
+    h = Hashed(w_start, w_end, w_doc, doc_offset, np.zeros(0, _U64), np.zeros(0, bool), q)
+    h.grams, h.gram_ok = h.grams_of(n)
+    return h
 
 
 @dataclass
@@ -176,7 +187,18 @@ class NgramIndex:
         texts = [f"{it.question} {it.answer}" for it in items]
         h = hash_batch(texts, cfg.n)
         valid = np.flatnonzero(h.gram_ok)
-        keys, owners = h.grams[valid], h.word_doc[valid]
+        keys, owners = [h.grams[valid]], [h.word_doc[valid]]
+        # Items shorter than n words (but at least min_words) are indexed by their min_words-grams:
+        # one extra gram length for the scan, whatever the mix of item lengths.
+        words = np.bincount(h.word_doc, minlength=len(items))
+        short = (words < cfg.n) & (words >= cfg.min_words) & (cfg.min_words > 0)
+        self.short_lengths = [cfg.min_words] if short.any() else []
+        if short.any():
+            grams, ok = h.grams_of(cfg.min_words)
+            sel = np.flatnonzero(ok & short[h.word_doc[: len(ok)]])
+            keys.append(grams[sel])
+            owners.append(h.word_doc[sel])
+        keys, owners = np.concatenate(keys), np.concatenate(owners)
         order = np.lexsort((owners, keys))  # by key, then item; drop repeated (key, item) pairs
         keys, owners = keys[order], owners[order]
         first = np.ones(len(keys), bool)
@@ -198,7 +220,7 @@ class NgramIndex:
         return self._norm[item]
 
     def lookup(self, grams: np.ndarray, ok: np.ndarray) -> list[tuple[int, int]]:
-        """(word position, item) for every n-gram found in the index."""
+        """(word position, item) for every gram found in the index."""
         if not len(grams) or not len(self.keys):
             return []
         b = grams >> _U64(64 - self.cfg.bloom_log2)
@@ -236,16 +258,18 @@ def scan_texts(texts: list[str], index: NgramIndex) -> list[list[dict]]:
     """Per text, the candidate matches: item, matched spans (char offsets) and confirmation."""
     cfg = index.cfg
     h = hash_batch(texts, cfg.n)
-    per_doc: dict[tuple[int, int], list[int]] = {}
-    for w, item in index.lookup(h.grams, h.gram_ok):
-        per_doc.setdefault((int(h.word_doc[w]), item), []).append(w)
+    per_doc: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for length in [cfg.n, *index.short_lengths]:
+        grams, ok = (h.grams, h.gram_ok) if length == cfg.n else h.grams_of(length)
+        for w, item in index.lookup(grams, ok):
+            per_doc.setdefault((int(h.word_doc[w]), item), []).append((w, length))
     out: list[list[dict]] = [[] for _ in texts]
-    for (d, item), words in sorted(per_doc.items()):
+    for (d, item), hits in sorted(per_doc.items()):
         off = int(h.doc_offset[d])
-        spans = _merge([(int(h.word_start[w]) - off, int(h.word_end[w + cfg.n - 1]) - off) for w in words])
+        spans = _merge([(int(h.word_start[w]) - off, int(h.word_end[w + k - 1]) - off) for w, k in hits])
         norm_q, qa = index.normalized(item)
         pad = cfg.window_words or len(qa.split())
-        first, last = min(words), max(words) + cfg.n - 1
+        first, last = min(w for w, _ in hits), max(w + k - 1 for w, k in hits)
         lo_w = max(first - pad, int(np.searchsorted(h.word_doc, d, side="left")))
         hi_w = min(last + pad, int(np.searchsorted(h.word_doc, d, side="right")) - 1)
         window = normalize(texts[d][int(h.word_start[lo_w]) - off : int(h.word_end[hi_w]) - off])
