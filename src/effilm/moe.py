@@ -128,6 +128,27 @@ def experts_reference(x_TD, topk_ids_TK, topk_w_TK, w_gate_up_E2FD, w_down_EDF, 
     return out_TD
 
 
+def grouped_expert_ffn(x_ND, counts_E, w_gate_up_E2FD, w_down_EDF, use_grouped_mm=False):
+    """The expert kernel: rows of ``x_ND`` are sorted by expert, ``counts_E[e]`` rows for expert e.
+
+    Returns each row's SwiGLU expert output (unweighted). Both the single-device fast path and the
+    expert-parallel path (which runs it on the tokens received from other ranks) call this.
+    """
+    if use_grouped_mm:
+        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        h_N2F = F.grouped_mm(x_ND, w_gate_up_E2FD.transpose(-2, -1), offs=offs_E)
+        gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
+        return F.grouped_mm(_swiglu(gate_NF, up_NF).contiguous(), w_down_EDF.transpose(-2, -1), offs=offs_E)
+    outs = []
+    gate_ups, downs = w_gate_up_E2FD.unbind(0), w_down_EDF.unbind(0)
+    for e, x_nD in enumerate(x_ND.split(counts_E.tolist())):
+        if x_nD.shape[0] == 0:
+            continue
+        gate_nF, up_nF = F.linear(x_nD, gate_ups[e]).chunk(2, dim=-1)
+        outs.append(F.linear(_swiglu(gate_nF, up_nF), downs[e]))
+    return torch.cat(outs) if outs else x_ND.new_zeros(0, w_down_EDF.shape[1])
+
+
 def experts_sorted(x_TD, topk_ids_TK, topk_w_TK, w_gate_up_E2FD, w_down_EDF, keep_TK=None, use_grouped_mm=False):
     """Fast path: sort assignments by expert, run contiguous per-expert matmuls, scatter-add back.
 
@@ -148,20 +169,7 @@ def experts_sorted(x_TD, topk_ids_TK, topk_w_TK, w_gate_up_E2FD, w_down_EDF, kee
     w_N = w_N[order_N]
     counts_E = torch.bincount(ids_N, minlength=E)
     x_ND = x_TD.index_select(0, tok_N)
-    if use_grouped_mm:
-        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        h_N2F = F.grouped_mm(x_ND, w_gate_up_E2FD.transpose(-2, -1), offs=offs_E)
-        gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
-        y_ND = F.grouped_mm(_swiglu(gate_NF, up_NF).contiguous(), w_down_EDF.transpose(-2, -1), offs=offs_E)
-    else:
-        outs = []
-        gate_ups, downs = w_gate_up_E2FD.unbind(0), w_down_EDF.unbind(0)
-        for e, x_nD in enumerate(x_ND.split(counts_E.tolist())):
-            if x_nD.shape[0] == 0:
-                continue
-            gate_nF, up_nF = F.linear(x_nD, gate_ups[e]).chunk(2, dim=-1)
-            outs.append(F.linear(_swiglu(gate_nF, up_nF), downs[e]))
-        y_ND = torch.cat(outs) if outs else x_ND.new_zeros(0, x_TD.shape[1])
+    y_ND = grouped_expert_ffn(x_ND, counts_E, w_gate_up_E2FD, w_down_EDF, use_grouped_mm)
     y_ND = y_ND * w_N[:, None].to(y_ND.dtype)
     return torch.zeros_like(x_TD).index_add_(0, tok_N, y_ND)
 
@@ -185,6 +193,9 @@ class MoE(nn.Module):
         self.router = nn.Linear(d_model, cfg.num_experts, bias=False)
         self.experts = Experts(d_model, cfg)
         self.impl = cfg.impl  # may be switched at run time (tests, benchmarks)
+        # Set from outside (effilm.parallel) to replace the local expert computation, e.g. by an
+        # expert-parallel all_to_all dispatch: called as fn(x_TD, topk_ids_TK, topk_w_TK, keep_TK).
+        self.experts_fn = None
 
     def route(self, x_TD: torch.Tensor):
         # fp32 router: same expert choice whatever the activation dtype
@@ -209,7 +220,9 @@ class MoE(nn.Module):
         if impl == "auto":
             impl = "grouped_mm" if x_TD.is_cuda else "sorted"
         w_gu, w_d = self.experts.w_gate_up, self.experts.w_down
-        if impl == "reference":
+        if self.experts_fn is not None:
+            y_TD = self.experts_fn(x_TD, topk_ids_TK, topk_w_TK, keep_TK)
+        elif impl == "reference":
             y_TD = experts_reference(x_TD, topk_ids_TK, topk_w_TK, w_gu, w_d, keep_TK)
         else:
             y_TD = experts_sorted(x_TD, topk_ids_TK, topk_w_TK, w_gu, w_d, keep_TK, impl == "grouped_mm")
