@@ -37,14 +37,19 @@ def model_state(model) -> dict[str, torch.Tensor]:
 
 def write_checkpoint_files(directory: Path, model, extra: dict | None = None) -> None:
     """Write config.json and model.safetensors into an (already temporary) directory."""
+    write_model_files(directory, model_state(model), model.cfg, extra)
+
+
+def write_model_files(directory: Path, state: dict[str, torch.Tensor], cfg: ModelConfig, extra: dict | None = None) -> None:
+    """Write ``state`` (effilm key names) and its config.json into an (already temporary) directory."""
     from safetensors.torch import save_file
 
-    save_file(model_state(model), str(directory / WEIGHTS), metadata={"format": "pt", "effilm": __version__})
+    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt", "effilm": __version__})
     meta = {
         "format": "effilm",
         "schema_version": SCHEMA_VERSION,
         "effilm_version": __version__,
-        "model": model.cfg.to_dict(),
+        "model": cfg.to_dict(),
         "checksums": {WEIGHTS: sha256_file(directory / WEIGHTS)},
     }
     if extra:

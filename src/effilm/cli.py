@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "effilm.commands.data",
     "effilm.commands.synth",
     "effilm.commands.evaluate",
+    "effilm.commands.train",
 ]
 
 
@@ -38,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -7,6 +7,7 @@ from outside (``effilm.parallel``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -49,14 +50,15 @@ class Rotary(nn.Module):
         super().__init__()
         self.cfg = cfg
         rot = cfg.rotary_dim
-        base = cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.int64).float() / rot)
+        # computed on the CPU even inside a meta-device build (reset_buffers recomputes after to_empty)
+        base = cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.int64, device="cpu").float() / rot)
         self.register_buffer("inv_freq", 1.0 / base, persistent=False)
         if cfg.rope_type == "longrope":
             self.register_buffer(
-                "inv_freq_short", 1.0 / (torch.tensor(cfg.rope_short_factor, dtype=torch.float32) * base), persistent=False
+                "inv_freq_short", 1.0 / (torch.tensor(cfg.rope_short_factor, dtype=torch.float32, device="cpu") * base), persistent=False
             )
             self.register_buffer(
-                "inv_freq_long", 1.0 / (torch.tensor(cfg.rope_long_factor, dtype=torch.float32) * base), persistent=False
+                "inv_freq_long", 1.0 / (torch.tensor(cfg.rope_long_factor, dtype=torch.float32, device="cpu") * base), persistent=False
             )
             default = longrope_mscale(cfg.max_seq_len / cfg.rope_original_max_seq_len, cfg.rope_original_max_seq_len)
             self.mscale_short = cfg.rope_short_mscale if cfg.rope_short_mscale is not None else default
@@ -316,9 +318,30 @@ class Transformer(nn.Module):
         self.rotary.reset_buffers(self.embed.weight.device)
 
 
+_TORCH_INITS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "ones_", "zeros_", "constant_")
+
+
+@contextlib.contextmanager
+def _no_module_init():
+    """Skip torch's per-module default initialisation while building on the meta device.
+
+    ``init_weights`` sets every parameter afterwards anyway, and running the default initialisers
+    on meta tensors goes through torch's reference kernels, whose first use imports torch._dynamo
+    (seconds of start-up for every command).
+    """
+    saved = {name: getattr(nn.init, name) for name in _TORCH_INITS}
+    try:
+        for name in _TORCH_INITS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def build_model(cfg: ModelConfig, device=None, dtype=None, seed: int | None = 0, init: bool = True) -> Transformer:
     """Build on the meta device, materialise on ``device`` and initialise every parameter once."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_module_init():
         model = Transformer(cfg)
     model = model.to_empty(device=device or "cpu")
     if dtype is not None:
