@@ -14,7 +14,7 @@ from effilm.config.presets import get_preset
 from effilm.errors import ConfigError, EffilmError
 from effilm.plots import PlotConfig, plot_runs
 from effilm.report import model_cost_table, render_report
-from effilm.report_markup import format_cell, inline_html, text_html
+from effilm.report_markup import format_cell, inline_html, is_quantity, text_html
 from plot_fixtures import make_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +128,8 @@ def test_render_sample_report(rendered):
     assert "| model | cloze acc | letter acc | contaminated |\n|---|---:|---:|---|" in md
     assert "| tiny-arctic | 0.6 | — | no |" in md and "*accuracy | 3 seeds*" in md
     assert "| total | 2 min 22 s | 100% |" in md
+    assert "| stage | time | share |\n|---|---:|---:|" in md  # quantities with units align right too
+    assert "| model | layers × pattern | total params |" in md and "|---|---|" + "---:|" * 7 in md
     for line in md.splitlines():  # every table row has as many cells as its header
         if line.startswith("| model | cloze"):
             n = line.count(" | ")
@@ -162,6 +164,8 @@ def test_markup_escapes_and_links():
     assert inline_html('[q"](docs/A.md)') == '<a href="docs/A.md">q&quot;</a>'
     assert inline_html("2 * 3 * 4 and **not closed") == "2 * 3 * 4 and **not closed"
     assert text_html("one\ntwo\n\n- a\n- b\nthree") == "<p>one two</p>\n<ul>\n<li>a</li>\n<li>b</li>\n</ul>\n<p>three</p>"
+    assert [is_quantity(v) for v in ("2.508M", "4.78 MiB", "91%", "2 min 10 s", "1e-3", "4 × D", "tiny", "no")] == [
+        True, True, True, True, True, False, False, False]  # fmt: skip
     assert [format_cell(v) for v in (1234567, 0.123456, None, True, float("nan"), "s")] == [
         "1,234,567", "0.1235", "—", "yes", "—", "s"]  # fmt: skip
 

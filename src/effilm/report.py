@@ -43,7 +43,7 @@ from pathlib import Path
 
 from effilm.errors import EffilmError, closest
 from effilm.io import atomic_write_bytes, atomic_write_text
-from effilm.report_markup import CSS, PAGE, format_cell, inline_html, is_number, text_html
+from effilm.report_markup import CSS, PAGE, format_cell, inline_html, is_number, is_quantity, text_html
 
 REPORT_KEYS = ("title", "subtitle", "run_info", "timings", "sections", "scale_notes")
 BLOCK_KINDS = ("text", "table", "image")
@@ -189,7 +189,7 @@ def timings_table(timings: list[dict]) -> dict:
 
 def _numeric_columns(t: dict) -> list[bool]:
     cols = list(zip(*t["rows"])) if t["rows"] else [() for _ in t["headers"]]
-    return [bool(c) and all(v is None or is_number(v) for v in c) and any(is_number(v) for v in c) for c in cols]
+    return [bool(c) and all(v is None or is_quantity(v) for v in c) and any(is_quantity(v) for v in c) for c in cols]
 
 
 # --- Markdown --------------------------------------------------------------------------------

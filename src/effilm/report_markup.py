@@ -82,8 +82,16 @@ def _paragraphs(text: str) -> list[tuple[str, list[str]]]:
     return out
 
 
+_QUANTITY = re.compile(r"^[-+]?\d[\d,]*(\.\d+)?(e[-+]?\d+)?\s?(%|[KMBT]|[KMGT]?i?B|s|min|x|×)?$|^\d+ min \d+ s$")
+
+
 def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_quantity(v) -> bool:
+    """A number, or text that reads as one with a unit ("2.508M", "4.78 MiB", "91%"): right-aligned."""
+    return is_number(v) or (isinstance(v, str) and bool(_QUANTITY.match(v.strip())))
 
 
 def format_cell(v) -> str:

@@ -7,6 +7,8 @@ import warnings
 
 
 def register(sub) -> None:
+    from effilm.plots import PlotConfig  # light: matplotlib is imported only when drawing
+
     p = sub.add_parser(
         "plot",
         help="plot a training run: loss, LR, expert load; compare runs",
@@ -16,12 +18,11 @@ def register(sub) -> None:
         "expert, colour = load relative to uniform). For several runs: each run's plots in OUT/<run name>/ "
         "plus compare_loss.png, their loss curves overlaid against tokens and against active training "
         "FLOPs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories")
     p.add_argument("--out", default=None,
                    help="output directory (default: RUN_DIR/plots for one run, ./plots for several)")  # fmt: skip
-    p.add_argument("--dpi", type=int, default=None, help="PNG resolution (default: PlotConfig.dpi)")
+    p.add_argument("--dpi", type=int, default=None, help=f"PNG resolution in dots per inch (default: {PlotConfig.dpi})")
     p.set_defaults(func=cmd_plot)
 
 
