@@ -198,6 +198,16 @@ def test_plot_run_moe_writes_loss_and_heatmap(tmp_path):
     assert not list((tmp_path / "out").glob(".*.tmp"))
 
 
+def test_many_moe_layers_wrap_into_columns(tmp_path):
+    layers = [2 * i + 1 for i in range(11)]
+    recs = [dict(train_rec(s, "web", 1), expert_load=[skewed_load(16, s, h) for h in range(11)], moe_layers=layers)
+            for s in (5, 10, 15)]  # fmt: skip
+    write_lines(tmp_path / "run" / "metrics.jsonl", recs)
+    cfg = PlotConfig(dpi=20, heatmap_max_rows=8)
+    paths = plot_run(tmp_path / "run", tmp_path / "out", cfg)
+    assert png_size(paths[1]) == (round(2 * cfg.panel_width * cfg.dpi), round(6 * cfg.heatmap_height * cfg.dpi))
+
+
 def test_plot_run_dense_has_no_heatmap_and_says_so(tmp_path):
     notes = []
     paths = plot_run(make_run(tmp_path, "tiny-dense"), tmp_path / "out", SMALL, notes)

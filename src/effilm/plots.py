@@ -50,6 +50,9 @@ class PlotConfig:
         default=0.6, metadata={"help": "EMA factor of the smoothed train-loss line, in [0, 1); 0 = no smoothing."}
     )
     raw_alpha: float = field(default=0.3, metadata={"help": "Opacity of the raw train-loss line under the smoothed one."})
+    heatmap_max_rows: int = field(
+        default=8, metadata={"help": "Most heatmap panels stacked in one column; more layers wrap into columns."}
+    )
     max_relative_load: float = field(
         default=4.0, metadata={"help": "Top of the heatmap colour scale, as load relative to uniform (>1)."}
     )
@@ -63,6 +66,8 @@ class PlotConfig:
             raise ConfigError(f"plot.smoothing={self.smoothing} must be in [0, 1)")
         if not 0 < self.raw_alpha <= 1:
             raise ConfigError(f"plot.raw_alpha={self.raw_alpha} must be in (0, 1]")
+        if self.heatmap_max_rows < 1:
+            raise ConfigError(f"plot.heatmap_max_rows={self.heatmap_max_rows} must be at least 1")
         if self.max_relative_load <= 1:
             raise ConfigError(f"plot.max_relative_load={self.max_relative_load} must be above 1")
 
@@ -143,9 +148,15 @@ def _edges(steps: list[int]) -> list[float]:
 def draw_expert_load(run: Run, loads: list[LayerLoad], path: Path, cfg: PlotConfig) -> Path:
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(len(loads), 1, cfg, height=cfg.heatmap_height)
-    axes = fig.subplots(len(loads), 1, squeeze=False, sharex=True)[:, 0]
+    cols = -(-len(loads) // cfg.heatmap_max_rows)
+    rows = -(-len(loads) // cols)
+    fig = _figure(rows, cols, cfg, height=cfg.heatmap_height)
+    grid = fig.subplots(rows, cols, squeeze=False, sharex=True)
+    axes = [grid[i % rows][i // rows] for i in range(len(loads))]  # fill column by column
+    for i in range(len(loads), rows * cols):
+        grid[i % rows][i // rows].set_visible(False)
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=cfg.max_relative_load)
     mesh = None
     for ax, ll in zip(axes, loads):
@@ -154,8 +165,11 @@ def draw_expert_load(run: Run, loads: list[LayerLoad], path: Path, cfg: PlotConf
         mesh = ax.pcolormesh(_edges(ll.steps), y, data, cmap=cfg.colormap, norm=norm, shading="flat")
         ax.set_ylabel(f"layer {ll.layer}\nexpert")
         ax.set_ylim(ll.num_experts - 0.5, -0.5)
-    axes[-1].set_xlabel("optimizer step")
-    bar = fig.colorbar(mesh, ax=list(axes), shrink=0.9)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for c in range(cols):  # label the lowest panel of each column
+        axes[min(len(loads) - 1, c * rows + rows - 1)].set_xlabel("optimizer step")
+        axes[min(len(loads) - 1, c * rows + rows - 1)].xaxis.set_tick_params(labelbottom=True)
+    bar = fig.colorbar(mesh, ax=axes, shrink=0.9)
     bar.set_label(f"load / uniform (clipped at {cfg.max_relative_load:g})")
     fig.suptitle(f"{run.label}: load per expert (1.0 = balanced)")
     return _save(fig, path, cfg)
