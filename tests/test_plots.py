@@ -17,6 +17,7 @@ from effilm.plots_data import (
     read_metrics,
     stage_starts,
     train_series,
+    val_flops_series,
     val_series,
 )
 from plot_fixtures import LOG_EVERY, TOKENS_PER_STEP, make_run, skewed_load, train_rec
@@ -165,6 +166,9 @@ def test_active_flops_from_records_and_from_config(tmp_path):
     active = get_preset("tiny-arctic").num_active_params()
     f = active_flops_series(run)
     assert f.tokens == [s * TOKENS_PER_STEP * 6 * active for s in f.steps]
+    vf = val_flops_series(run)
+    assert vf["web"].steps == [30, 60] and vf["web"].tokens == pytest.approx([s * TOKENS_PER_STEP * 6 * active for s in (30, 60)])
+    assert vf["web"].values == val_series(run.metrics)["web"].values
     lines = (run.path / "metrics.jsonl").read_text().splitlines()
     stripped = [json.dumps({k: v for k, v in json.loads(x).items() if k != "active_flops"}) for x in lines]
     (run.path / "metrics.jsonl").write_text("\n".join(stripped) + "\n")
@@ -247,3 +251,11 @@ def test_cli_plot(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["plot", "-h"])
     assert exc.value.code == 0 and "expert_load.png" in capsys.readouterr().out
+
+
+def test_val_flops_interpolates_between_train_records(tmp_path):
+    recs = [dict(train_rec(s, "s", 1), active_flops=float(f)) for s, f in ((10, 100.0), (20, 300.0))]
+    recs += [{"kind": "val", "step": s, "tokens": t, "val_loss": {"v": 1.0}} for s, t in ((0, 0), (15, 15360), (40, 40960))]
+    write_lines(tmp_path / "run" / "metrics.jsonl", recs)
+    vf = val_flops_series(load_run(tmp_path / "run"))["v"]
+    assert vf.steps == [0, 15, 40] and vf.tokens == pytest.approx([0.0, 200.0, 300.0 * 40960 / 20480])

@@ -32,6 +32,7 @@ from effilm.plots_data import (
     load_run,
     stage_starts,
     train_series,
+    val_flops_series,
     val_series,
 )
 
@@ -231,10 +232,11 @@ def draw_compare(runs: list[Run], path: Path, cfg: PlotConfig) -> Path:
         smooth = ema(loss.values, cfg.smoothing)
         ax_tok.plot(loss.tokens, smooth, color=color, label=f"{run.label} train")
         ax_flops.plot(flops.tokens, smooth, color=color, label=f"{run.label} train")
+        by_flops = val_flops_series(run)
         for j, (source, s) in enumerate(val_series(run.metrics).items()):
-            marker = VAL_MARKERS[j % len(VAL_MARKERS)]
-            ax_tok.plot(s.tokens, s.values, color=color, linestyle="--", marker=marker, markersize=4,
-                        label=f"{run.label} val: {source}")  # fmt: skip
+            style = dict(color=color, linestyle="--", marker=VAL_MARKERS[j % len(VAL_MARKERS)], markersize=4)
+            ax_tok.plot(s.tokens, s.values, label=f"{run.label} val: {source}", **style)
+            ax_flops.plot(by_flops[source].tokens, by_flops[source].values, label=f"{run.label} val: {source}", **style)
     ax_tok.set_xlabel("tokens")
     ax_flops.set_xlabel("active training FLOPs (6 x active params x tokens)")
     ax_flops.set_xscale("log")

@@ -225,25 +225,47 @@ def stage_starts(metrics: RunMetrics) -> list[tuple[str, int, float]]:
     return out
 
 
-def active_flops_series(run: Run) -> Series:
-    """Train loss against cumulative active training FLOPs. Uses each record's ``active_flops``;
-    when a run logged none, falls back to tokens * 6 * active parameters from ``config.json``."""
+def _train_flops(run: Run) -> tuple[list[dict], list[float]]:
+    """The train records with a finite loss, and the cumulative active FLOPs at each. Uses each
+    record's ``active_flops``; when a run logged none, tokens * 6 * active parameters from
+    ``config.json``."""
     loss = [r for r in run.metrics.train if _is_number(r.get("loss")) and math.isfinite(r["loss"])]
     if all(_is_number(r.get("active_flops")) for r in loss):
-        flops = [float(r["active_flops"]) for r in loss]
-    else:
-        if not run.model_config:
-            missing = next(r for r in loss if not _is_number(r.get("active_flops")))
-            raise EffilmError(
-                f"{run.metrics.path}:{missing['_line']}: no 'active_flops', and {run.path / CONFIG_FILE} has no "
-                "'model' section to compute it from"
-            )
-        from effilm.config.cost import num_active_params
-        from effilm.config.model import ModelConfig
+        return loss, [float(r["active_flops"]) for r in loss]
+    if not run.model_config:
+        missing = next(r for r in loss if not _is_number(r.get("active_flops")))
+        raise EffilmError(
+            f"{run.metrics.path}:{missing['_line']}: no 'active_flops', and {run.path / CONFIG_FILE} has no "
+            "'model' section to compute it from"
+        )
+    from effilm.config.cost import num_active_params
+    from effilm.config.model import ModelConfig
 
-        active = num_active_params(ModelConfig.from_dict(run.model_config))
-        flops = [float(r["tokens"]) * 6 * active for r in loss]  # 6 = forward (2) + backward (4) FLOPs per param
-    return Series([r["step"] for r in loss], flops, [float(r["loss"]) for r in loss])
+    active = num_active_params(ModelConfig.from_dict(run.model_config))
+    return loss, [float(r["tokens"]) * 6 * active for r in loss]  # 6 = forward 2 + backward 4 FLOPs/param
+
+
+def active_flops_series(run: Run) -> Series:
+    """Train loss against cumulative active training FLOPs (held in the ``tokens`` field)."""
+    recs, flops = _train_flops(run)
+    return Series([r["step"] for r in recs], flops, [float(r["loss"]) for r in recs])
+
+
+def val_flops_series(run: Run) -> dict[str, Series]:
+    """Validation loss per source against active training FLOPs (in the ``tokens`` field): the
+    FLOPs at a val record's token count are interpolated linearly between the train records
+    (anchored at 0 tokens = 0 FLOPs) and extrapolated at the last rate past them."""
+    import numpy as np
+
+    recs, flops = _train_flops(run)
+    xs = [0.0] + [float(r["tokens"]) for r in recs]
+    ys = [0.0] + flops
+    rate = ys[-1] / xs[-1] if xs[-1] else float("nan")
+    out = {}
+    for source, s in val_series(run.metrics).items():
+        f = [float(np.interp(t, xs, ys)) if t <= xs[-1] else t * rate for t in s.tokens]
+        out[source] = Series(list(s.steps), f, list(s.values))
+    return out
 
 
 def expert_loads(metrics: RunMetrics) -> list[LayerLoad]:
