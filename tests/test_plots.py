@@ -9,7 +9,7 @@ import torch
 from effilm.cli import main
 from effilm.config.presets import get_preset
 from effilm.errors import ConfigError, EffilmError
-from effilm.plots import PlotConfig, ema, plot_compare, plot_run, plot_runs
+from effilm.plots import PlotConfig, draw_expert_load, ema, plot_compare, plot_runs
 from effilm.plots_data import (
     active_flops_series,
     expert_loads,
@@ -35,6 +35,12 @@ def png_size(path) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
     assert data[12:16] == b"IHDR"
     return struct.unpack(">II", data[16:24])
+
+
+def size_is(path, w: float, h: float) -> bool:
+    """The PNG is w x h pixels, give or take matplotlib's rounding of inches x dpi."""
+    pw, ph = png_size(path)
+    return abs(pw - w) <= 1 and abs(ph - h) <= 1
 
 
 def write_lines(path, recs, tail=""):
@@ -189,45 +195,53 @@ def test_ema_is_bias_corrected():
 # --- PNGs ------------------------------------------------------------------------------------
 
 
-def test_plot_run_moe_writes_loss_and_heatmap(tmp_path):
-    run = make_run(tmp_path, "tiny-arctic")
-    paths = plot_run(run, tmp_path / "out", SMALL)
-    assert [p.name for p in paths] == ["loss.png", "expert_load.png"]
-    w, h = png_size(paths[0])
-    assert (w, h) == (round(SMALL.panel_width * 2 * SMALL.dpi), round(SMALL.panel_height * 2 * SMALL.dpi))
-    w, h = png_size(paths[1])
-    n_layers = get_preset("tiny-arctic").n_layers
-    assert h == round(SMALL.heatmap_height * n_layers * SMALL.dpi) and w == round(SMALL.panel_width * SMALL.dpi)
-    assert all(p.stat().st_size > 5000 for p in paths)
-    assert not list((tmp_path / "out").glob(".*.tmp"))
+@pytest.fixture(scope="module")
+def plotted(tmp_path_factory):
+    """A dense and an MoE run plotted together once (drawing is the slow part)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("plots")
+    runs = [make_run(root, "tiny-dense"), make_run(root, "tiny-arctic")]
+    notes = []
+    return root / "out", plot_runs(runs, root / "out", SMALL, notes), notes
+
+
+def test_plot_runs_writes_each_run_and_the_comparison(plotted):
+    out, paths, notes = plotted
+    assert sorted(str(p.relative_to(out)) for p in paths) == [
+        "compare_loss.png", "tiny-arctic/expert_load.png", "tiny-arctic/loss.png", "tiny-arctic/train_stats.png",
+        "tiny-dense/loss.png", "tiny-dense/train_stats.png"]  # fmt: skip
+    assert all(p.stat().st_size > 3000 for p in paths)
+    assert not list(out.rglob(".*.tmp"))
+    # a dense run has no heatmap, and says so
+    assert notes == ["tiny-dense: no expert_load records (a dense run?), so no expert-load heatmap"]
+
+
+def test_png_sizes_follow_the_layout(plotted):
+    out, _, _ = plotted
+    d, n_layers = SMALL.dpi, get_preset("tiny-arctic").n_layers
+    assert size_is(out / "tiny-arctic" / "loss.png", SMALL.panel_width * 2 * d, SMALL.panel_height * 2 * d)
+    assert size_is(out / "tiny-arctic" / "expert_load.png", SMALL.panel_width * d, SMALL.heatmap_height * n_layers * d)
+    # grad norm and throughput for both; the MoE run adds aux loss and dropped fraction (2 x 2 panels)
+    assert size_is(out / "tiny-dense" / "train_stats.png", SMALL.panel_width * 2 * d, SMALL.stats_height * d)
+    assert size_is(out / "tiny-arctic" / "train_stats.png", SMALL.panel_width * 2 * d, SMALL.stats_height * 2 * d)
 
 
 def test_many_moe_layers_wrap_into_columns(tmp_path):
     layers = [2 * i + 1 for i in range(11)]
     recs = [dict(train_rec(s, "web", 1), expert_load=[skewed_load(16, s, h) for h in range(11)], moe_layers=layers)
             for s in (5, 10, 15)]  # fmt: skip
-    write_lines(tmp_path / "run" / "metrics.jsonl", recs)
+    run = load_run(write_lines(tmp_path / "run" / "metrics.jsonl", recs).parent)
     cfg = PlotConfig(dpi=20, heatmap_max_rows=8)
-    paths = plot_run(tmp_path / "run", tmp_path / "out", cfg)
-    assert png_size(paths[1]) == (round(2 * cfg.panel_width * cfg.dpi), round(6 * cfg.heatmap_height * cfg.dpi))
+    path = draw_expert_load(run, expert_loads(run.metrics), tmp_path / "h.png", cfg)
+    assert size_is(path, 2 * cfg.panel_width * cfg.dpi, 6 * cfg.heatmap_height * cfg.dpi)
 
 
-def test_plot_run_dense_has_no_heatmap_and_says_so(tmp_path):
-    notes = []
-    paths = plot_run(make_run(tmp_path, "tiny-dense"), tmp_path / "out", SMALL, notes)
-    assert [p.name for p in paths] == ["loss.png"]
-    assert any("no expert-load heatmap" in n for n in notes)
-
-
-def test_plot_compare_and_several_runs(tmp_path):
+def test_plot_compare_labels(tmp_path):
     a, b = make_run(tmp_path, "tiny-dense"), make_run(tmp_path, "tiny-arctic")
     paths = plot_compare([a, b], tmp_path / "cmp", labels=["dense", "arctic"], cfg=SMALL)
     assert [p.name for p in paths] == ["compare_loss.png"] and png_size(paths[0])[0] > 100
     with pytest.raises(EffilmError, match="1 labels given for 2 runs"):
         plot_compare([a, b], tmp_path / "cmp", labels=["x"])
-    paths = plot_runs([a, b], tmp_path / "all", SMALL)
-    rel = sorted(str(p.relative_to(tmp_path / "all")) for p in paths)
-    assert rel == ["compare_loss.png", "tiny-arctic/expert_load.png", "tiny-arctic/loss.png", "tiny-dense/loss.png"]
 
 
 def test_several_runs_fail_before_writing_anything(tmp_path):

@@ -6,7 +6,9 @@
   with the learning rate; the left column against optimizer step, the right against tokens; a
   dotted line marks the start of each data stage;
 - ``expert_load.png``: one panel per MoE layer, x = step, y = expert, colour = the expert's load
-  relative to uniform (1.0 is perfect balance). A dense run gets no heatmap, and a note says so.
+  relative to uniform (1.0 is perfect balance). A dense run gets no heatmap, and a note says so;
+- ``train_stats.png``: one panel per logged training statistic among ``STATS`` (gradient norm,
+  throughput, and for MoE runs the auxiliary loss, router z-loss and dropped-token fraction).
 
 ``plot_compare(run_dirs, out_dir)`` writes ``compare_loss.png``: the runs' loss curves overlaid
 against tokens and against cumulative active training FLOPs, the axis on which a dense model and
@@ -36,6 +38,9 @@ from effilm.plots_data import (
     val_series,
 )
 
+# Training statistics drawn in train_stats.png, each in its own panel when the run logged it.
+STATS = {"grad_norm": "gradient norm", "tok_per_s": "tokens / s", "aux_loss": "MoE auxiliary loss",
+         "z_loss": "router z-loss", "dropped_frac": "dropped token fraction"}  # fmt: skip
 VAL_MARKERS = "os^Dv"  # one marker shape per validation source in the comparison plot
 
 
@@ -47,6 +52,7 @@ class PlotConfig:
     panel_width: float = field(default=6.0, metadata={"help": "Width of one panel, in inches."})
     panel_height: float = field(default=3.2, metadata={"help": "Height of one panel, in inches."})
     heatmap_height: float = field(default=2.4, metadata={"help": "Height of one heatmap panel, in inches."})
+    stats_height: float = field(default=2.6, metadata={"help": "Height of one training-statistics panel, in inches."})
     smoothing: float = field(
         default=0.6, metadata={"help": "EMA factor of the smoothed train-loss line, in [0, 1); 0 = no smoothing."}
     )
@@ -60,7 +66,7 @@ class PlotConfig:
     colormap: str = field(default="RdBu_r", metadata={"help": "Diverging matplotlib colormap of the heatmap."})
 
     def __post_init__(self) -> None:
-        for name in ("dpi", "panel_width", "panel_height", "heatmap_height"):
+        for name in ("dpi", "panel_width", "panel_height", "heatmap_height", "stats_height"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"plot.{name}={getattr(self, name)} must be positive")
         if not 0 <= self.smoothing < 1:
@@ -138,6 +144,27 @@ def draw_loss(run: Run, path: Path, cfg: PlotConfig) -> Path:
     return _save(fig, path, cfg)
 
 
+def draw_stats(run: Run, series: dict[str, Series], path: Path, cfg: PlotConfig) -> Path:
+    n = len(series)
+    cols = 2 if n in (2, 4) else min(n, 3)  # a square-ish grid: 1, 2, 3, 2x2, 3+2, 3x2
+    rows = -(-n // cols)
+    fig = _figure(rows, cols, cfg, height=cfg.stats_height)
+    grid = fig.subplots(rows, cols, squeeze=False, sharex=True)
+    stages = stage_starts(run.metrics)
+    for i, (key, s) in enumerate(series.items()):
+        ax = grid[i // cols][i % cols]
+        ax.plot(s.steps, s.values, color=f"C{i}", linewidth=1.2)
+        _mark_stages(ax, stages, by_tokens=False)
+        ax.set_title(STATS[key], fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.tick_params(labelbottom=True)
+        ax.grid(alpha=0.3)
+    for i in range(n, rows * cols):
+        grid[i // cols][i % cols].set_visible(False)
+    fig.suptitle(f"{run.label}: training statistics")
+    return _save(fig, path, cfg)
+
+
 def _edges(steps: list[int]) -> list[float]:
     """Cell edges centred on each logged step (non-uniform logging intervals stay honest)."""
     if len(steps) == 1:
@@ -179,7 +206,8 @@ def draw_expert_load(run: Run, loads: list[LayerLoad], path: Path, cfg: PlotConf
 def plot_run(
     run_dir: str | Path, out_dir: str | Path, cfg: PlotConfig | None = None, notes: list[str] | None = None
 ) -> list[Path]:
-    """Write ``loss.png`` and, for an MoE run, ``expert_load.png`` into ``out_dir``; return the paths.
+    """Write ``loss.png``, for an MoE run ``expert_load.png``, and ``train_stats.png`` when the run
+    logged any of ``STATS``, into ``out_dir``; return the paths.
     Anything worth telling the user (a dense run has no heatmap, a truncated last line, superseded
     records after a resume) is appended to ``notes`` when given."""
     cfg = cfg or PlotConfig()
@@ -196,6 +224,9 @@ def _plot_loaded(run: Run, out_dir: Path, cfg: PlotConfig, notes: list[str]) -> 
         paths.append(draw_expert_load(run, loads, out_dir / "expert_load.png", cfg))
     else:
         notes.append(f"{run.label}: no expert_load records (a dense run?), so no expert-load heatmap")
+    stats = {k: s for k in STATS if (s := train_series(run.metrics, k)).values}
+    if stats:
+        paths.append(draw_stats(run, stats, out_dir / "train_stats.png", cfg))
     return paths
 
 
