@@ -20,7 +20,7 @@ from effilm.plots_data import (
     val_flops_series,
     val_series,
 )
-from plot_fixtures import LOG_EVERY, TOKENS_PER_STEP, make_run, skewed_load, train_rec
+from plot_fixtures import LOG_EVERY, SEQ_LEN, TOKENS_PER_STEP, make_run, skewed_load, train_rec
 
 SMALL = PlotConfig(dpi=40)
 
@@ -169,11 +169,11 @@ def test_expert_load_uses_moe_layer_indices_and_normalises_counts(tmp_path):
 
 def test_active_flops_from_records_and_from_config(tmp_path):
     run = load_run(make_run(tmp_path, "tiny-arctic"))
-    active = get_preset("tiny-arctic").num_active_params()
+    per_token = 3 * get_preset("tiny-arctic").flops_per_token(SEQ_LEN)
     f = active_flops_series(run)
-    assert f.tokens == [s * TOKENS_PER_STEP * 6 * active for s in f.steps]
+    assert f.tokens == [s * TOKENS_PER_STEP * per_token for s in f.steps]
     vf = val_flops_series(run)
-    assert vf["web"].steps == [30, 60] and vf["web"].tokens == pytest.approx([s * TOKENS_PER_STEP * 6 * active for s in (30, 60)])
+    assert vf["web"].steps == [30, 60] and vf["web"].tokens == pytest.approx([s * TOKENS_PER_STEP * per_token for s in (30, 60)])
     assert vf["web"].values == val_series(run.metrics)["web"].values
     lines = (run.path / "metrics.jsonl").read_text().splitlines()
     stripped = [json.dumps({k: v for k, v in json.loads(x).items() if k != "active_flops"}) for x in lines]

@@ -269,8 +269,7 @@ def draw_compare(runs: list[Run], path: Path, cfg: PlotConfig) -> Path:
             ax_tok.plot(s.tokens, s.values, label=f"{run.label} val: {source}", **style)
             ax_flops.plot(by_flops[source].tokens, by_flops[source].values, label=f"{run.label} val: {source}", **style)
     ax_tok.set_xlabel("tokens")
-    ax_flops.set_xlabel("active training FLOPs (6 x active params x tokens)")
-    ax_flops.set_xscale("log")
+    ax_flops.set_xlabel("active training FLOPs (forward + backward)")
     ax_tok.set_ylabel("loss (nats/token, train smoothed)")
     for ax in (ax_tok, ax_flops):
         ax.grid(alpha=0.3)

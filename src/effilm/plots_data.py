@@ -31,6 +31,7 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 KINDS = ("train", "val", "event")
 _REQUIRED = {"train": ("step", "tokens", "loss", "lr"), "val": ("step", "tokens", "val_loss"), "event": ("step", "event")}
+TRAIN_FLOPS_PER_FORWARD = 3  # a training step costs a forward and a backward (2 forwards)
 _NUMERIC = ("step", "tokens", "loss", "lr", "grad_norm", "active_flops", "tok_per_s", "elapsed_s")
 
 
@@ -227,8 +228,9 @@ def stage_starts(metrics: RunMetrics) -> list[tuple[str, int, float]]:
 
 def _train_flops(run: Run) -> tuple[list[dict], list[float]]:
     """The train records with a finite loss, and the cumulative active FLOPs at each. Uses each
-    record's ``active_flops``; when a run logged none, tokens * 6 * active parameters from
-    ``config.json``."""
+    record's ``active_flops``; when a run logged none, computes what the trainer logs from
+    ``config.json``: tokens * 3 * forward FLOPs per token (forward + backward = 3 forwards) at the
+    run's ``data.seq_len`` (the model's max_seq_len if absent)."""
     loss = [r for r in run.metrics.train if _is_number(r.get("loss")) and math.isfinite(r["loss"])]
     if all(_is_number(r.get("active_flops")) for r in loss):
         return loss, [float(r["active_flops"]) for r in loss]
@@ -238,11 +240,12 @@ def _train_flops(run: Run) -> tuple[list[dict], list[float]]:
             f"{run.metrics.path}:{missing['_line']}: no 'active_flops', and {run.path / CONFIG_FILE} has no "
             "'model' section to compute it from"
         )
-    from effilm.config.cost import num_active_params
     from effilm.config.model import ModelConfig
 
-    active = num_active_params(ModelConfig.from_dict(run.model_config))
-    return loss, [float(r["tokens"]) * 6 * active for r in loss]  # 6 = forward 2 + backward 4 FLOPs/param
+    data = run.config.get("data")
+    seq_len = data.get("seq_len") if isinstance(data, dict) else None
+    per_token = TRAIN_FLOPS_PER_FORWARD * ModelConfig.from_dict(run.model_config).flops_per_token(seq_len)
+    return loss, [float(r["tokens"]) * per_token for r in loss]
 
 
 def active_flops_series(run: Run) -> Series:
