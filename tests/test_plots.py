@@ -83,6 +83,8 @@ def test_bad_line_in_the_middle_is_an_error_naming_file_and_line(tmp_path):
         ({"kind": "val", "step": 1, "tokens": 10, "val_loss": 2.0}, r"'val_loss' must map"),
         ({"kind": "train", "step": "1", "tokens": 10, "loss": 1.0, "lr": 1e-3}, r"'step' must be a number"),
         (dict(train_rec(1, "s", 1), expert_load=[[0.5, 0.5]], moe_layers=[0, 1]), r"'moe_layers' must list"),
+        (dict(train_rec(1, "s", 1), expert_load=[[0.5, 0.5]], moe_layers=["0"]), r"'moe_layers' must list"),
+        (dict(train_rec(1, "s", 1), expert_load=[[0.5, "x"]]), r"'expert_load' must be a list"),
     ],
 )
 def test_malformed_records_are_errors(tmp_path, rec, match):

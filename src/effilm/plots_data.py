@@ -108,7 +108,8 @@ def _check_record(rec: dict, where: str) -> str:
         ok = isinstance(load, list) and all(isinstance(r, list) and r and all(_is_number(x) for x in r) for r in load)
         if not ok:
             raise EffilmError(f"{where}: 'expert_load' must be a list (one per MoE layer) of lists of numbers")
-        if layers is not None and (not isinstance(layers, list) or len(layers) != len(load)):
+        bad = not isinstance(layers, list) or len(layers) != len(load)
+        if layers is not None and (bad or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
             raise EffilmError(f"{where}: 'moe_layers' must list one layer index per expert_load row ({len(load)})")
     return kind
 

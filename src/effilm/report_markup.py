@@ -125,6 +125,7 @@ caption { caption-side: top; text-align: left; color: var(--muted); padding-bott
 th, td { border-bottom: 1px solid var(--line); padding: .35rem .7rem; text-align: left; vertical-align: top; }
 th { background: var(--bg-alt); font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { white-space: nowrap; }
 tbody tr:nth-child(even) { background: #fafbfc; }
 tr.total td { font-weight: 600; border-top: 2px solid var(--line); }
 figure { margin: 1rem 0 1.5rem; }
