@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "effilm.commands.synth",
     "effilm.commands.evaluate",
     "effilm.commands.train",
+    "effilm.commands.plot",
 ]
 
 
