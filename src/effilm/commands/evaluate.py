@@ -71,34 +71,24 @@ def register(sub) -> None:
 
 
 def load_model_and_tokenizer(path: str):
-    """The model through ``effilm.load`` and the tokenizer from ``tokenizer.json`` beside it."""
+    """The model through ``effilm.checkpoint.load`` (effilm checkpoints and HF Llama, Phi3, Mixtral,
+    PhiMoE and Arctic directories) and the tokenizer from ``tokenizer.json`` beside it."""
+    from effilm.checkpoint import load
+    from effilm.errors import ConfigError
+    from effilm.tokenizer import check_vocab, load_tokenizer
+
     model_dir = Path(path)
     if not model_dir.is_dir():
         raise EffilmError(f"{path}: model directory not found")
-    tok_file = model_dir / "tokenizer.json"
-    if not tok_file.is_file():
+    if not (model_dir / "tokenizer.json").is_file():
         raise EffilmError(f"{path}: no tokenizer.json in the model directory")
-    from tokenizers import Tokenizer
-
+    tokenizer = load_tokenizer(model_dir)
     try:
-        tokenizer = Tokenizer.from_file(str(tok_file))
-    except Exception as exc:  # the tokenizers library raises bare Exceptions on bad files
-        raise EffilmError(f"{tok_file}: cannot load tokenizer ({exc})") from None
-    try:
-        from effilm.checkpoint import load
-    except ModuleNotFoundError:
-        load = None
-    if load is not None:
-        return load(str(model_dir)), tokenizer
-    # Until effilm.checkpoint lands, HF model directories load through transformers.
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise EffilmError("loading a model needs effilm.checkpoint or transformers") from None
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(model_dir)).eval(), tokenizer
-    except (OSError, ValueError) as exc:
-        raise EffilmError(f"{path}: cannot load model ({exc})") from None
+        model = load(model_dir)
+    except ConfigError as exc:  # e.g. an architecture effilm does not implement
+        raise EffilmError(f"{path}: cannot evaluate this model: {exc}") from None
+    check_vocab(tokenizer, model.cfg.vocab_size)
+    return model, tokenizer
 
 
 def _read_json(path: str) -> dict:
