@@ -11,7 +11,15 @@ torch = pytest.importorskip("torch")
 
 from effilm.config.model import ModelConfig  # noqa: E402
 from effilm.eval_cache import CachedScorer  # noqa: E402
-from effilm.evaluate import BatchScorer, EvalConfig, Group, TokenizerAdapter, make_scorer, perplexity, score_task  # noqa: E402
+from effilm.evaluate import (  # noqa: E402
+    BatchScorer,
+    EvalConfig,
+    Group,
+    TokenizerAdapter,
+    make_scorer,
+    perplexity,
+    score_task,
+)
 from effilm.model import build_model  # noqa: E402
 from effilm.tasks import load_task  # noqa: E402
 from eval_fixtures import make_mmlu_dir, train_tokenizer  # noqa: E402
