@@ -15,7 +15,8 @@ SPEC_HELP = """task SPEC forms (repeat --task for several):
   jsonl:FILE      records with question, subject, choices (list), answer (int index)
   parquet:FILE    the same columns (HF MMLU parquet)
   ppl:FILE        held-out text: JSONL with 'text' per line, or a plain text file; reports bits per
-                  byte and perplexity over disjoint windows of the model's context
+                  byte and perplexity over disjoint windows of the model's context (or sliding
+                  windows with --ppl-stride)
 options after a comma: split=val, dev=PATH (few-shot source, same format), name=LABEL
   e.g. --task jsonl:quiz.jsonl,dev=quiz_dev.jsonl,name=quiz
 bad rows are skipped and listed in the report; --strict makes them errors (file:line)."""
@@ -34,6 +35,10 @@ def register(sub) -> None:
                    "answer texts, reporting acc and acc_norm (per character)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     p.add_argument("--max-length", type=int, default=0, help="context length (default: the model's)")
+    p.add_argument("--ppl-stride", type=int, default=0, help="ppl tasks: score this many new tokens per window, "
+                   "each seeing up to the full context before it (default 0: disjoint windows)")
+    p.add_argument("--no-kv-cache", action="store_true", help="effilm models: score every choice as its own "
+                   "row instead of from the context's KV cache (same numbers, slower)")
     p.add_argument("--seed", type=int, default=1234, help="seed, recorded in the manifest")
     p.add_argument("--split", default="test", choices=("dev", "val", "test"), help="split to evaluate")
     p.add_argument("--strict", action="store_true", help="bad rows are errors instead of skips")
@@ -117,7 +122,8 @@ def cmd_eval(args) -> int:
     from effilm.tasks import TaskConfig, load_task
 
     cfg = EvalConfig(shots=args.shots, scoring=args.scoring, batch_size=args.batch_size,
-                     max_length=args.max_length, seed=args.seed)
+                     max_length=args.max_length, seed=args.seed, ppl_stride=args.ppl_stride,
+                     use_kv_cache=not args.no_kv_cache)
     tcfg = TaskConfig(strict=args.strict, split=args.split)
     tasks = [load_task(spec, tcfg) for spec in args.task]
     corpus_report = _read_json(args.corpus_report) if args.corpus_report else None
