@@ -11,7 +11,6 @@ Run: PYTHONPATH=src python benchmarks/bench_eval_cache.py [--quick] [--out bench
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
