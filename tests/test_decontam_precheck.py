@@ -48,6 +48,12 @@ def test_planted_leak_in_a_token_dataset_is_an_error_naming_file_and_item(bench,
     assert b["contaminated"] == 1 and b["contaminated_ids"] == ["high_school_physics/3"]
     assert [h["location"] for h in summary["hits"]] == [f"{dirty}:5"]  # the third paragraph starts on line 5
     assert summary["files"] == [str(clean), str(dirty)] and not summary["clean"]
+    # the summary doubles as `effilm eval`'s corpus report: contamination beside each score
+    from effilm.eval_report import contamination_for
+    from effilm.tasks import load_task
+
+    cont = contamination_for(load_task(bench["spec"]), summary)
+    assert cont == {"contaminated": 1, "items": 12, "contaminated_ids": ["high_school_physics/3"]}
     with pytest.raises(EffilmError) as err:
         precheck([ds], [bench["spec"]], CFG, fail_on_contamination=True)
     msg = str(err.value)
