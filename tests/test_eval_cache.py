@@ -58,28 +58,32 @@ def flat(records):
     return [v for r in records for v in r["loglikelihoods"]]
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
-def test_cached_cloze_equals_uncached(setup, preset):
+@pytest.mark.parametrize("preset,scoring", [(p, "cloze") for p in PRESETS] + [("tiny-dense", "letter")])
+def test_cached_equals_uncached(setup, preset, scoring):
     model = effilm_model(preset, setup["vocab"])
     task = load_task(f"mmlu:{setup['root']}")
-    cfg = EvalConfig(shots=1, scoring="cloze", batch_size=4)
+    cfg = EvalConfig(shots=2, scoring=scoring, batch_size=4)
     cached = make_scorer(model, cfg)
     assert isinstance(cached, CachedScorer)
     a = score_task(model, setup["tok"], task, cfg, scorer=cached)
-    b = score_task(model, setup["tok"], task, EvalConfig(shots=1, scoring="cloze", batch_size=4, use_kv_cache=False))
+    b = score_task(model, setup["tok"], task, EvalConfig(shots=2, scoring=scoring, batch_size=4, use_kv_cache=False))
     assert cached.cached_groups == len(task.items)  # every question really went through the cache
+    # questions after the first of each subject reuse the description + few-shot prefix
+    assert cached.shared_tokens > (len(task.items) - 2) * 30
     assert flat(a) == pytest.approx(flat(b), abs=1e-5, rel=0)
     assert [r["prediction"] for r in a] == [r["prediction"] for r in b]
     assert max(max(r["loglikelihoods"]) - min(r["loglikelihoods"]) for r in a) > 0.1
 
 
-def test_cached_batch_size_invariance(setup):
+def test_cached_batch_size_and_prefix_sharing_invariance(setup):
     model = effilm_model("tiny-dense", setup["vocab"])
     task = load_task(f"mmlu:{setup['root']}")
     for scoring in ("letter", "cloze"):
-        runs = [score_task(model, setup["tok"], task, EvalConfig(shots=1, scoring=scoring, batch_size=bs))
-                for bs in (1, 8)]
+        runs = [score_task(model, setup["tok"], task, EvalConfig(shots=1, scoring=scoring, batch_size=bs,
+                                                                  min_shared_prefix=share))
+                for bs, share in ((1, 16), (8, 16), (8, 0))]
         assert flat(runs[0]) == pytest.approx(flat(runs[1]), abs=1e-5, rel=0)
+        assert flat(runs[0]) == pytest.approx(flat(runs[2]), abs=1e-5, rel=0)
 
 
 def test_cache_equals_direct_forward_and_falls_back_when_truncating(setup):

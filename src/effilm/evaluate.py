@@ -48,8 +48,11 @@ class EvalConfig:
     ppl_stride: int = field(default=0, metadata={"help": "perplexity: tokens scored per window after the first; "
                                                  "each window sees up to max_length tokens of context "
                                                  "(0: disjoint windows, as lm-eval's rolling log-likelihood)"})
-    use_kv_cache: bool = field(default=True, metadata={"help": "effilm models: score multi-token choices from "
-                                                       "the context's KV cache (same numbers, less compute)"})
+    use_kv_cache: bool = field(default=True, metadata={"help": "effilm models: score the choices from the "
+                                                       "context's KV cache (same numbers, less compute)"})
+    min_shared_prefix: int = field(default=16, metadata={"help": "KV-cache path: reuse the previous question's "
+                                                         "cache when contexts share at least this many leading "
+                                                         "tokens (few-shot prompts); 0 = off"})
 
     def __post_init__(self):
         if self.shots < 0:
@@ -58,6 +61,8 @@ class EvalConfig:
             raise ConfigError(f"scoring: must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.min_shared_prefix < 0:
+            raise ConfigError(f"min_shared_prefix: must be >= 0 (0 = off), got {self.min_shared_prefix}")
         if self.ppl_stride < 0:
             raise ConfigError(f"ppl_stride: must be >= 0 (0 = disjoint windows), got {self.ppl_stride}")
         if self.max_length < 0 or self.default_max_length < 1:
@@ -273,7 +278,9 @@ def make_scorer(model, cfg: EvalConfig) -> Scorer:
     from effilm.eval_cache import CachedScorer, supports_kv_cache
 
     args = (model, cfg.batch_size, model_max_length(model, cfg), cfg.pad_id)
-    return CachedScorer(*args) if cfg.use_kv_cache and supports_kv_cache(model) else BatchScorer(*args)
+    if cfg.use_kv_cache and supports_kv_cache(model):
+        return CachedScorer(*args, min_shared_prefix=cfg.min_shared_prefix)
+    return BatchScorer(*args)
 
 
 def _logits_to_keep_arg(model) -> str | None:
