@@ -142,6 +142,9 @@ def test_strided_perplexity_matches_direct_computation(setup):
             start, end = end, min(end + stride, len(ids))
     assert p["tokens"] == len(ids) - 1 and p["stride"] == stride and p["windows"] > len(ids) // max_len
     assert p["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(text.encode()), rel=1e-5)
+    # no padding effects: windows of different lengths batched together give the same numbers
+    one_by_one = perplexity(model, setup["tok"], [text], EvalConfig(max_length=max_len, ppl_stride=stride, batch_size=1))
+    assert one_by_one["nll"] == pytest.approx(p["nll"], abs=1e-4)
     disjoint = perplexity(model, setup["tok"], [text], EvalConfig(max_length=max_len))
     assert disjoint["windows"] < p["windows"] and disjoint["tokens"] == p["tokens"]
 
