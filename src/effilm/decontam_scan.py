@@ -183,3 +183,100 @@ def build_report(tasks, index: NgramIndex, shards: list[dict], cfg: DecontamConf
                                                for s in shards],
             "totals": totals, "clean": clean,
             "method": "hashed word n-grams over question+answer; candidates confirmed by difflib matched fraction"}
+
+
+# ----------------------------------------------------------------------------- training pre-check
+
+
+def source_files(sources) -> list[dict]:
+    """The raw text files behind training ``sources``, each ``{"path", "source", "text_field",
+    "text_split", "sha256"}``.
+
+    A source is a token dataset directory (its ``manifest.json`` names every input file with
+    its sha256, and the text field and paragraph split used to read it) or raw text: a
+    JSONL/parquet/text file, a directory of them or a glob. A file named by a manifest that is gone
+    or changed since tokenizing is an error: the check must scan the text that was trained on.
+    """
+    from effilm.data_shards import FORMAT, expand_inputs
+    from effilm.io import sha256_file
+
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    files: list[dict] = []
+    for src in map(str, sources):
+        manifest = Path(src) / "manifest.json"
+        if not manifest.is_file():
+            for f in expand_inputs([src]):
+                files.append({"path": str(f), "source": src, "text_field": "text", "text_split": "paragraph",
+                              "sha256": None})
+            continue
+        try:
+            m = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EffilmError(f"{manifest}: cannot read ({exc})") from None
+        if m.get("format") != FORMAT or not isinstance(m.get("inputs"), list):
+            raise EffilmError(f"{manifest}: not a token dataset manifest (format {m.get('format')!r}, no inputs list)")
+        conf = m.get("config", {})
+        for rec in m["inputs"]:
+            path = Path(rec["path"])
+            if not path.is_absolute() and not path.is_file() and (Path(src) / path).is_file():
+                path = Path(src) / path
+            if not path.is_file():
+                raise EffilmError(f"{src}: source file {rec['path']} named in manifest.json is gone; the "
+                                  "contamination pre-check scans the raw text, so restore it (or re-tokenize "
+                                  "from the files you have)")
+            if rec.get("sha256") and sha256_file(path) != rec["sha256"]:
+                raise EffilmError(f"{src}: source file {path} changed since it was tokenized (sha256 differs "
+                                  "from manifest.json); the pre-check would scan other text than was trained on")
+            files.append({"path": str(path), "source": src, "text_field": conf.get("text_field", "text"),
+                          "text_split": conf.get("text_split", "paragraph"), "sha256": rec.get("sha256")})
+    if not files:
+        raise EffilmError("precheck: no source files to scan")
+    return files
+
+
+def precheck(sources, benchmarks, cfg: DecontamConfig | None = None, *, fail_on_contamination: bool = False,
+             max_listed: int = 5, task_cfg=None) -> dict:
+    """Scan training ``sources`` for items of ``benchmarks`` before training.
+
+    ``sources``: token dataset directories (their manifests' raw inputs are scanned) or raw
+    JSONL/parquet/text files. ``benchmarks``: task SPEC strings or loaded tasks. Returns a summary:
+    per benchmark the contaminated count and ids, every confirmed hit (file:line, item, score) and
+    totals. With ``fail_on_contamination`` a confirmed hit raises an EffilmError that lists the
+    first ``max_listed`` hits.
+    """
+    from effilm.data_shards import iter_documents as iter_source_documents
+    from effilm.tasks import Task, load_task
+
+    cfg = cfg or DecontamConfig()
+    t0 = time.perf_counter()
+    tasks = [b if isinstance(b, Task) else load_task(b, task_cfg) for b in benchmarks]
+    files = source_files(sources)
+    index = NgramIndex(items_from_tasks(tasks), cfg)
+    hits, n_docs, n_chars = [], 0, 0
+    for f in files:
+        docs = iter_source_documents(f["path"], f["text_field"], f["text_split"])
+        for batch in _batches(((loc, None, None, text) for loc, text in docs), cfg.batch_chars):
+            for (loc, _, _, text), found in zip(batch, scan_texts([d[3] for d in batch], index), strict=True):
+                n_docs += 1
+                n_chars += len(text)
+                hits += [{"location": loc, "source": f["source"], "benchmark": tasks[m["benchmark"]].name,
+                          "item": m["item"], "score": m["score"]} for m in found if m["confirmed"]]
+    per = []
+    for b, task in enumerate(tasks):
+        order = {it.uid: k for k, it in enumerate(task.items)}
+        ids = sorted({h["item"] for h in hits if h["benchmark"] == task.name}, key=lambda u: order.get(u, 0))
+        unchecked = sum(1 for i, it in enumerate(index.items) if it.benchmark == b and not index.checked[i])
+        per.append({"name": task.name, "spec": task.spec, "items": len(task.items), "unchecked": unchecked,
+                    "contaminated": len(ids), "contaminated_ids": ids})
+    summary = {"benchmarks": per, "hits": hits, "files": [f["path"] for f in files],
+               "documents": n_docs, "chars": n_chars, "contaminated_items": sum(b["contaminated"] for b in per),
+               "clean": not hits, "seconds": round(time.perf_counter() - t0, 4),
+               "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
+    if hits and fail_on_contamination:
+        listed = "; ".join(f"{h['location']}: {h['benchmark']} item {h['item']} (score {h['score']})"
+                           for h in hits[:max_listed])
+        more = f" and {len(hits) - max_listed} more" if len(hits) > max_listed else ""
+        counts = ", ".join(f"{b['name']}: {b['contaminated']}/{b['items']}" for b in per if b["contaminated"])
+        raise EffilmError(f"training data contains benchmark items ({counts}): {listed}{more}")
+    return summary

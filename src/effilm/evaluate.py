@@ -13,7 +13,9 @@ Efficiency: when every choice of a question is one token after the context (the 
 case) the context runs once and all choices are read from its last position. Otherwise each
 choice is its own row. Rows are sorted by length, batched and right-padded; with a causal model
 the real positions never see the padding, so scores do not depend on the batch size. A
-model-specific scorer (e.g. a KV-cache path) plugs in through the :class:`Scorer` protocol.
+model-specific scorer plugs in through the :class:`Scorer` protocol; effilm models get
+:class:`effilm.eval_cache.CachedScorer` (the context once per question, the choices from its KV
+cache) by default.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ class EvalConfig:
     pad_id: int = field(default=0, metadata={"help": "token id used for right padding (never scored)"})
     fewshot_delimiter: str = field(default="\n\n", metadata={"help": "text between few-shot examples"})
     target_delimiter: str = field(default=" ", metadata={"help": "text between 'Answer:' and the answer"})
+    ppl_stride: int = field(default=0, metadata={"help": "perplexity: tokens scored per window after the first; "
+                                                 "each window sees up to max_length tokens of context "
+                                                 "(0: disjoint windows, as lm-eval's rolling log-likelihood)"})
+    use_kv_cache: bool = field(default=True, metadata={"help": "effilm models: score the choices from the "
+                                                       "context's KV cache (same numbers, less compute)"})
+    min_shared_prefix: int = field(default=16, metadata={"help": "KV-cache path: reuse the previous question's "
+                                                         "cache when contexts share at least this many leading "
+                                                         "tokens (few-shot prompts); 0 = off"})
 
     def __post_init__(self):
         if self.shots < 0:
@@ -51,6 +61,10 @@ class EvalConfig:
             raise ConfigError(f"scoring: must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.min_shared_prefix < 0:
+            raise ConfigError(f"min_shared_prefix: must be >= 0 (0 = off), got {self.min_shared_prefix}")
+        if self.ppl_stride < 0:
+            raise ConfigError(f"ppl_stride: must be >= 0 (0 = disjoint windows), got {self.ppl_stride}")
         if self.max_length < 0 or self.default_max_length < 1:
             raise ConfigError("max_length: must be >= 0 (0 = from the model), default_max_length >= 1")
 
@@ -60,7 +74,11 @@ class TokenizerAdapter:
 
     def __init__(self, tok, add_special_tokens: bool = False):
         if isinstance(tok, TokenizerAdapter):
-            tok = tok.tok
+            tok = tok.effilm or tok.tok
+        # an effilm.tokenizer.Tokenizer: its tokenizers backend, and the special ids it resolved
+        self.effilm = tok if hasattr(tok, "backend") and hasattr(tok, "eos_id") else None
+        if self.effilm is not None:
+            tok = self.effilm.backend
         self.tok = tok
         self.add_special_tokens = add_special_tokens
         self._is_fast_lib = type(tok).__module__.startswith("tokenizers")
@@ -78,6 +96,11 @@ class TokenizerAdapter:
     def special_id(self, *names: str) -> int | None:
         """The id of the first special token that exists among ``names`` (e.g. bos, eos)."""
         for name in names:
+            if self.effilm is not None:
+                tid = getattr(self.effilm, f"{name}_id", None)
+                if tid is not None:
+                    return int(tid)
+                continue
             if not self._is_fast_lib:
                 tid = getattr(self.tok, f"{name}_token_id", None)
                 if tid is not None:
@@ -250,6 +273,16 @@ class BatchScorer:
         return out
 
 
+def make_scorer(model, cfg: EvalConfig) -> Scorer:
+    """The KV-cache scorer for effilm models (unless ``cfg.use_kv_cache`` is off), else batched rows."""
+    from effilm.eval_cache import CachedScorer, supports_kv_cache
+
+    args = (model, cfg.batch_size, model_max_length(model, cfg), cfg.pad_id)
+    if cfg.use_kv_cache and supports_kv_cache(model):
+        return CachedScorer(*args, min_shared_prefix=cfg.min_shared_prefix)
+    return BatchScorer(*args)
+
+
 def _logits_to_keep_arg(model) -> str | None:
     """The forward argument that limits the LM head to the last positions, if the model has one
     (transformers' ``logits_to_keep``). Only the positions that are scored are ever needed."""
@@ -272,7 +305,7 @@ def prompt_hash(text: str) -> str:
 def score_task(model, tokenizer, task: Task, cfg: EvalConfig, scorer: Scorer | None = None) -> list[dict]:
     """Per-item records: prompt hash, choice log-likelihoods, predictions and correctness."""
     tok = TokenizerAdapter(tokenizer, cfg.add_special_tokens)
-    scorer = scorer or BatchScorer(model, cfg.batch_size, model_max_length(model, cfg), cfg.pad_id)
+    scorer = scorer or make_scorer(model, cfg)
     groups, contexts = [], []
     for item in task.items:
         ctx = build_context(task, item, cfg)
@@ -294,36 +327,45 @@ def score_task(model, tokenizer, task: Task, cfg: EvalConfig, scorer: Scorer | N
 
 
 def perplexity(model, tokenizer, texts: list[str], cfg: EvalConfig) -> dict:
-    """Bits per byte and token perplexity over disjoint windows of the model's context.
+    """Bits per byte and token perplexity on held-out text, over windows of the model's context.
 
-    Each document is scored in chunked, non-overlapping windows of ``max_length`` tokens, as
-    lm-eval's rolling log-likelihood does: the first token is predicted from the tokenizer's
-    BOS (else EOS) token; with neither, the first token is not scored and its bytes are not
-    counted. Bits per byte = total NLL / ln 2 / UTF-8 bytes scored.
+    With ``cfg.ppl_stride == 0`` each document is scored in disjoint windows of ``max_length``
+    tokens, as lm-eval's rolling log-likelihood does. With a stride ``s``, the first window scores
+    its ``max_length`` tokens and every later window scores the next ``s`` tokens, seeing up to
+    ``max_length`` tokens before each (a sliding window: more context per token, more compute).
+    The first token is predicted from the tokenizer's BOS (else EOS) token; with neither, it is not
+    scored and its bytes are not counted. Windows run batched (sorted by length, right-padded:
+    padding sits after every scored position, so it changes nothing).
+    Bits per byte = total NLL / ln 2 / UTF-8 bytes scored.
     """
     tok = TokenizerAdapter(tokenizer, cfg.add_special_tokens)
     max_len = model_max_length(model, cfg)
+    stride = min(cfg.ppl_stride or max_len, max_len)
     prefix = tok.special_id("bos", "eos")
-    groups, n_bytes, n_tokens, unscored = [], 0, 0, 0
+    groups, n_bytes, n_tokens, unscored, n_docs = [], 0, 0, 0, 0
     for text in texts:
         ids = tok.encode(text)
         if not ids:
             continue
+        n_docs += 1
         n_bytes += len(text.encode("utf-8"))
         if prefix is None:
             n_bytes -= len(tok.decode(ids[:1]).encode("utf-8"))
             stream, unscored = ids, unscored + 1
-            targets_from = 1
         else:
-            stream, targets_from = [prefix] + ids, 1
-        for start in range(targets_from, len(stream), max_len):
-            end = min(start + max_len, len(stream))
-            groups.append(Group(stream[start - 1 : start], [stream[start:end]]))
+            stream = [prefix] + ids
+        start, end = 1, min(1 + max_len, len(stream))
+        while start < len(stream):
+            ctx_from = start - 1 if stride == max_len else max(0, end - 1 - max_len)
+            groups.append(Group(stream[ctx_from:start], [stream[start:end]]))
             n_tokens += end - start
+            start, end = end, min(end + stride, len(stream))
     if not groups:
         raise EffilmError("perplexity: the text holds no tokens")
     scorer = BatchScorer(model, cfg.batch_size, max_len, cfg.pad_id)
     nll = -sum(g[0] for g in scorer.score(groups))
+    method = "disjoint chunked windows" if stride == max_len else f"sliding windows, stride {stride}"
     return {"bits_per_byte": nll / math.log(2) / max(n_bytes, 1), "perplexity": math.exp(nll / n_tokens),
-            "tokens": n_tokens, "bytes": n_bytes, "documents": len(texts), "unscored_first_tokens": unscored,
-            "windows": len(groups), "window_tokens": max_len, "method": "disjoint chunked windows"}
+            "nll": nll, "tokens": n_tokens, "bytes": n_bytes, "documents": n_docs,
+            "unscored_first_tokens": unscored, "windows": len(groups), "window_tokens": max_len,
+            "stride": stride, "method": method}

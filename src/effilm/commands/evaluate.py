@@ -15,7 +15,8 @@ SPEC_HELP = """task SPEC forms (repeat --task for several):
   jsonl:FILE      records with question, subject, choices (list), answer (int index)
   parquet:FILE    the same columns (HF MMLU parquet)
   ppl:FILE        held-out text: JSONL with 'text' per line, or a plain text file; reports bits per
-                  byte and perplexity over disjoint windows of the model's context
+                  byte and perplexity over disjoint windows of the model's context (or sliding
+                  windows with --ppl-stride)
 options after a comma: split=val, dev=PATH (few-shot source, same format), name=LABEL
   e.g. --task jsonl:quiz.jsonl,dev=quiz_dev.jsonl,name=quiz
 bad rows are skipped and listed in the report; --strict makes them errors (file:line)."""
@@ -34,6 +35,10 @@ def register(sub) -> None:
                    "answer texts, reporting acc and acc_norm (per character)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     p.add_argument("--max-length", type=int, default=0, help="context length (default: the model's)")
+    p.add_argument("--ppl-stride", type=int, default=0, help="ppl tasks: score this many new tokens per window, "
+                   "each seeing up to the full context before it (default 0: disjoint windows)")
+    p.add_argument("--no-kv-cache", action="store_true", help="effilm models: score every choice as its own "
+                   "row instead of from the context's KV cache (same numbers, slower)")
     p.add_argument("--seed", type=int, default=1234, help="seed, recorded in the manifest")
     p.add_argument("--split", default="test", choices=("dev", "val", "test"), help="split to evaluate")
     p.add_argument("--strict", action="store_true", help="bad rows are errors instead of skips")
@@ -71,34 +76,24 @@ def register(sub) -> None:
 
 
 def load_model_and_tokenizer(path: str):
-    """The model through ``effilm.load`` and the tokenizer from ``tokenizer.json`` beside it."""
+    """The model through ``effilm.checkpoint.load`` (effilm checkpoints and HF Llama, Phi3, Mixtral,
+    PhiMoE and Arctic directories) and the tokenizer from ``tokenizer.json`` beside it."""
+    from effilm.checkpoint import load
+    from effilm.errors import ConfigError
+    from effilm.tokenizer import check_vocab, load_tokenizer
+
     model_dir = Path(path)
     if not model_dir.is_dir():
         raise EffilmError(f"{path}: model directory not found")
-    tok_file = model_dir / "tokenizer.json"
-    if not tok_file.is_file():
+    if not (model_dir / "tokenizer.json").is_file():
         raise EffilmError(f"{path}: no tokenizer.json in the model directory")
-    from tokenizers import Tokenizer
-
+    tokenizer = load_tokenizer(model_dir)
     try:
-        tokenizer = Tokenizer.from_file(str(tok_file))
-    except Exception as exc:  # the tokenizers library raises bare Exceptions on bad files
-        raise EffilmError(f"{tok_file}: cannot load tokenizer ({exc})") from None
-    try:
-        from effilm.checkpoint import load
-    except ModuleNotFoundError:
-        load = None
-    if load is not None:
-        return load(str(model_dir)), tokenizer
-    # Until effilm.checkpoint lands, HF model directories load through transformers.
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise EffilmError("loading a model needs effilm.checkpoint or transformers") from None
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(model_dir)).eval(), tokenizer
-    except (OSError, ValueError) as exc:
-        raise EffilmError(f"{path}: cannot load model ({exc})") from None
+        model = load(model_dir)
+    except ConfigError as exc:  # e.g. an architecture effilm does not implement
+        raise EffilmError(f"{path}: cannot evaluate this model: {exc}") from None
+    check_vocab(tokenizer, model.cfg.vocab_size)
+    return model, tokenizer
 
 
 def _read_json(path: str) -> dict:
@@ -127,7 +122,8 @@ def cmd_eval(args) -> int:
     from effilm.tasks import TaskConfig, load_task
 
     cfg = EvalConfig(shots=args.shots, scoring=args.scoring, batch_size=args.batch_size,
-                     max_length=args.max_length, seed=args.seed)
+                     max_length=args.max_length, seed=args.seed, ppl_stride=args.ppl_stride,
+                     use_kv_cache=not args.no_kv_cache)
     tcfg = TaskConfig(strict=args.strict, split=args.split)
     tasks = [load_task(spec, tcfg) for spec in args.task]
     corpus_report = _read_json(args.corpus_report) if args.corpus_report else None
