@@ -323,3 +323,30 @@ def test_cli_errors_are_one_line(data, tmp_path):
     out = subprocess.run([sys.executable, "-m", "effilm", "train", str(toml), "--print-config", "--train.seed=5"],
                          env=env, capture_output=True, text=True)
     assert out.returncode == 0 and json.loads(out.stdout)["train"]["seed"] == 5
+
+
+def test_contamination_precheck_runs_before_training(data, tmp_path):
+    from effilm.config.data import TokenizeConfig
+    from effilm.data import tokenize_files
+    from eval_fixtures import make_mmlu_dir
+    from train_fixtures import docs, write_jsonl
+
+    tests, _ = make_mmlu_dir(tmp_path / "quiz", n_test=6)
+    leaked = tests[3]
+    texts = docs(60, 9, "web")
+    texts[7] = f"Notes. {leaked['question']} {leaked['choices'][leaked['answer']]}. More notes."
+    root = tmp_path / "d"
+    import shutil
+
+    shutil.copytree(data, root)
+    shutil.rmtree(root / "web")
+    tokenize_files([write_jsonl(root / "web.jsonl", texts)], root / "tok", root / "web", TokenizeConfig())
+    spec = f"mmlu:{tmp_path / 'quiz'},name=quiz"
+    cfg = _cfg(root, tmp_path / "pre", overrides=[f'train.precheck_benchmarks=["{spec}"]'])
+    with pytest.raises(EffilmError, match=r"web\.jsonl:8.*high_school_physics/3"):
+        train(cfg)
+    assert not (tmp_path / "pre").exists()
+    warn_only = _cfg(root, tmp_path / "pre2", overrides=[f'train.precheck_benchmarks=["{spec}"]',
+                                                          "train.precheck_fail=false", "train.max_steps=1"])
+    res = train(warn_only)
+    assert res.steps == 1
