@@ -322,8 +322,7 @@ def model_cost_table(models, seq_len: int | None = None) -> dict:
     """A table block comparing models: total and active parameters, forward FLOPs per token at
     ``seq_len`` (each model's own max_seq_len when None), weight memory (bf16, int4) and KV cache
     per token (bf16). ``models`` holds preset names, ``ModelConfig`` objects or model-config dicts."""
-    from effilm.commands.model import _bytes, _human
-    from effilm.config.cost import cost_summary
+    from effilm.config.cost import cost_summary, human_bytes, human_count
     from effilm.config.model import ModelConfig
     from effilm.config.presets import get_preset
 
@@ -334,10 +333,10 @@ def model_cost_table(models, seq_len: int | None = None) -> dict:
             raise EffilmError(f"model_cost_table: expected a preset name, ModelConfig or dict, got {type(m).__name__}")
         c = cost_summary(cfg, seq_len)
         rows.append([
-            cfg.name, f"{c['layers']} × {c['layer_pattern']}", _human(c["total_params"]), _human(c["active_params"]),
-            f"{100 * c['active_params'] / c['total_params']:.0f}%", _human(c["flops_per_token"]),
-            _bytes(c["weight_bytes"]["bf16"]), _bytes(c["weight_bytes"]["int4"]),
-            _bytes(c["kv_cache_bytes_per_token"]["bf16"]),
+            cfg.name, f"{c['layers']} × {c['layer_pattern']}", human_count(c["total_params"]), human_count(c["active_params"]),
+            f"{100 * c['active_params'] / c['total_params']:.0f}%", human_count(c["flops_per_token"]),
+            human_bytes(c["weight_bytes"]["bf16"]), human_bytes(c["weight_bytes"]["int4"]),
+            human_bytes(c["kv_cache_bytes_per_token"]["bf16"]),
         ])  # fmt: skip
     ctx = f"a {seq_len}-token context" if seq_len else "each model's full context"
     return {

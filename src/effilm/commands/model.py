@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from effilm.config.cost import human_bytes, human_count
+
 
 def register(sub) -> None:
     p = sub.add_parser("presets", help="list the model presets", description="List every named model preset.")
@@ -46,20 +48,6 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def _human(n: float, unit: str = "") -> str:
-    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= div:
-            return f"{n / div:.3f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
-
-
-def _bytes(n: float) -> str:
-    for div, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= div:
-            return f"{n / div:.2f} {suffix}"
-    return f"{n:.0f} B"
-
-
 def cmd_presets(args: argparse.Namespace) -> int:
     from effilm.config.cost import num_active_params, num_params
     from effilm.config.presets import DESCRIPTIONS, get_preset, preset_names
@@ -74,7 +62,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
         return 0
     print(f"{'preset':18s} {'total':>10s} {'active':>10s}  description")
     for r in rows:
-        print(f"{r['name']:18s} {_human(r['total_params']):>10s} {_human(r['active_params']):>10s}  {r['description']}")
+        print(f"{r['name']:18s} {human_count(r['total_params']):>10s} {human_count(r['active_params']):>10s}  {r['description']}")
     return 0
 
 
@@ -105,13 +93,13 @@ def cmd_params(args: argparse.Namespace) -> int:
         print(json.dumps(s, indent=2))
         return 0
     print(f"{s['name']}  ({s['layers']} layers, pattern {s['layer_pattern']!r})")
-    print(f"  total parameters       {s['total_params']:>18,d}  ({_human(s['total_params'])})")
-    print(f"  active per token       {s['active_params']:>18,d}  ({_human(s['active_params'])})")
-    print(f"  forward FLOPs / token  {s['flops_per_token']:>18,d}  ({_human(s['flops_per_token'], 'FLOP')} at seq {s['seq_len']})")
+    print(f"  total parameters       {s['total_params']:>18,d}  ({human_count(s['total_params'])})")
+    print(f"  active per token       {s['active_params']:>18,d}  ({human_count(s['active_params'])})")
+    print(f"  forward FLOPs / token  {s['flops_per_token']:>18,d}  ({human_count(s['flops_per_token'], 'FLOP')} at seq {s['seq_len']})")
     for k, v in s["weight_bytes"].items():
-        print(f"  weights {k:5s}          {_bytes(v):>18s}")
+        print(f"  weights {k:5s}          {human_bytes(v):>18s}")
     for k, v in s["kv_cache_bytes_per_token"].items():
-        print(f"  KV cache / token {k:5s} {_bytes(v):>18s}")
+        print(f"  KV cache / token {k:5s} {human_bytes(v):>18s}")
     return 0
 
 

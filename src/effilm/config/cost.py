@@ -124,3 +124,19 @@ def cost_summary(cfg: ModelConfig, seq_len: int | None = None) -> dict:
         "layers": cfg.n_layers,
         "layer_pattern": cfg.layer_pattern,
     }
+
+
+def human_count(n: float, unit: str = "") -> str:
+    """1234567 -> '1.235M' (K, M, B, T)."""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.3f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def human_bytes(n: float) -> str:
+    """Binary units: 1536 -> '1.50 KiB'."""
+    for div, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= div:
+            return f"{n / div:.2f} {suffix}"
+    return f"{n:.0f} B"
