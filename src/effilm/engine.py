@@ -55,7 +55,7 @@ class _Detok:
         self.sent = 0  # characters of ``text`` already emitted
 
     def _decode(self, ids) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        return self.tok.decode(ids, skip_special_tokens=True) if self.tok is not None else ""
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; return (text to emit now, whether a stop string was reached)."""
@@ -96,7 +96,11 @@ class _Detok:
 
 
 class Engine:
-    """Batched generation for an effilm ``Transformer`` and an ``effilm.tokenizer.Tokenizer``."""
+    """Batched generation for an effilm ``Transformer`` and an ``effilm.tokenizer.Tokenizer``.
+
+    ``tokenizer=None`` gives a token-ids-only engine (prompts as id lists, empty texts, no stop
+    strings), which is what benchmarks of the raw decode loop use.
+    """
 
     def __init__(self, model, tokenizer, device=None, name: str | None = None, eos_ids=()):
         if device is not None:
@@ -139,10 +143,12 @@ class Engine:
 
     # ----- text ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise EffilmError(f"{self.name} has no tokenizer: pass prompts as token-id lists")
         return self.tokenizer.encode(text)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of ``messages`` rendered by the tokenizer's chat template (with the
@@ -203,6 +209,8 @@ class Engine:
             params = [params] * len(ids)
         if len(params) != len(ids) or not all(isinstance(p, SamplingParams) for p in params):
             raise EffilmError(f"expected one SamplingParams or a list of {len(ids)}, got {len(params)} item(s)")
+        if self.tokenizer is None and any(p.stop for p in params):
+            raise EffilmError("stop strings need a tokenizer; this engine has none")
         limits = [min(p.max_new_tokens, self.max_context - len(i)) for p, i in zip(params, ids)]
         return ids, list(params), limits
 
