@@ -75,6 +75,36 @@ def test_batched_greedy_equals_one_at_a_time(name, tok):
             c.finish_reason == "stop" and c.token_ids[-1] in engine.eos_ids and len(c.token_ids) <= 16)
 
 
+@pytest.mark.parametrize("name, over", [
+    ("tiny-dense", {}), ("tiny-moe", {}), ("tiny-arctic", {}), ("tiny-openelm", {}),
+    ("tiny-dense", {"sliding_window": 6}), ("tiny-dense", {"head_dim": 32, "rope_partial_factor": 0.5}),
+])  # fmt: skip
+def test_fast_steps_equal_the_model_forward(name, over):
+    """effilm.decode's inference steps against Transformer.forward: same logits, same tokens."""
+    from effilm.decode import decode_step, prefill
+
+    model = tiny(name, **LIVELY, **over)
+    fast, plain = Engine(model, None), Engine(model, None, fast=False)
+    assert fast.fast and not plain.fast
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33]]
+    params = SamplingParams(max_new_tokens=12)
+    assert [c.token_ids for c in fast.generate(prompts, params)] == [c.token_ids for c in plain.generate(prompts, params)]
+    ids = torch.tensor([prompts[0]])
+    c1, c2 = model.new_cache(1, 16), model.new_cache(1, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(prefill(model, ids, c1, None, None), model(ids, cache=c2).logits[:, -1])
+        for t in (3, 4, 5):
+            torch.testing.assert_close(decode_step(model, torch.tensor([t]), c1, None, None),
+                                       model(torch.tensor([[t]]), cache=c2).logits[:, -1], atol=1e-5, rtol=1e-5)
+    assert c1.length == c2.length == 12
+
+
+def test_unknown_modules_fall_back_to_the_model_forward():
+    model = tiny("tiny-dense")
+    model.layers[0].mlp = torch.nn.Sequential(model.layers[0].mlp)  # e.g. a wrapped or quantized module
+    assert not Engine(model, None).fast
+
+
 def test_left_padding_is_masked(dense_engine):
     """The engine's output is the model's own greedy continuation, computed with no padding at all."""
     model = dense_engine.model

@@ -102,7 +102,9 @@ class Engine:
     strings), which is what benchmarks of the raw decode loop use.
     """
 
-    def __init__(self, model, tokenizer, device=None, name: str | None = None, eos_ids=()):
+    def __init__(self, model, tokenizer, device=None, name: str | None = None, eos_ids=(), fast: bool = True):
+        from effilm.decode import supports
+
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
@@ -110,6 +112,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self.name = name or getattr(model.cfg, "name", None) or "effilm"
         self.max_context = int(model.cfg.max_seq_len)
+        # the inference-only steps of effilm.decode, unless off or the model has modules they do not know
+        self.fast = bool(fast) and supports(model)
         ids = {int(i) for i in eos_ids}
         for i in (getattr(tokenizer, "eos_id", None), model.cfg.eos_token_id):
             if i is not None:
@@ -235,11 +239,8 @@ class Engine:
         detoks = [_Detok(self.tokenizer, p.stop) for p in params]
         active = list(range(B))
         with torch.inference_mode():
-            if padded:
-                positions = (mask[:, :P].long().cumsum(1) - 1).clamp(min=0)
-                logits = model(inp, cache=cache, positions=positions, attention_mask=mask).logits[:, -1]
-            else:
-                logits = model(inp, cache=cache).logits[:, -1]
+            positions = (mask[:, :P].long().cumsum(1) - 1).clamp(min=0) if padded else None
+            logits = self._prefill(inp, cache, positions, mask if padded else None)
             step = 0
             while True:
                 nxt = pipeline.step(logits)
@@ -270,9 +271,23 @@ class Engine:
                 step += 1
                 if padded:
                     mask[:, P + step - 1] = True
-                    logits = model(nxt[:, None], cache=cache, positions=pos0 + (step - 1), attention_mask=mask).logits[:, -1]
+                    logits = self._decode(nxt, cache, pos0 + (step - 1), mask)
                 else:
-                    logits = model(nxt[:, None], cache=cache).logits[:, -1]
+                    logits = self._decode(nxt, cache, None, None)
+
+    def _prefill(self, inp, cache, positions, mask):
+        if self.fast:
+            from effilm.decode import prefill
+
+            return prefill(self.model, inp, cache, positions, mask)
+        return self.model(inp, cache=cache, positions=positions, attention_mask=mask).logits[:, -1]
+
+    def _decode(self, tokens, cache, positions, mask):
+        if self.fast:
+            from effilm.decode import decode_step
+
+            return decode_step(self.model, tokens, cache, positions, mask)
+        return self.model(tokens[:, None], cache=cache, positions=positions, attention_mask=mask).logits[:, -1]
 
 
 def render_chat(template: str, messages: list[dict], tokenizer=None) -> str:
