@@ -29,19 +29,22 @@ import time
 from pathlib import Path
 
 
-def _tiny_models(root: Path) -> list[tuple[str, Path]]:
-    """The default pair: a tiny Phi-3 (dense) and a tiny Mixtral-style MoE, exported to HF format."""
+def _tiny_models(root: Path, hidden: int, layers: int, vocab: int) -> list[tuple[str, Path]]:
+    """The default pair: a tiny Phi-3 (dense) and a tiny Mixtral-style MoE, exported to HF format.
+    FFN width is 3 x hidden (experts 1.5 x hidden); heads of 32 dims, 2 query heads per KV head."""
     import effilm
     from effilm.config import ModelConfig, MoEConfig
     from effilm.model import build_model
 
-    common = dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=1024,
-                  tie_embeddings=False)
+    heads = max(2, hidden // 32)
+    common = dict(vocab_size=vocab, d_model=hidden, n_layers=layers, n_heads=heads, n_kv_heads=heads // 2,
+                  max_seq_len=1024, tie_embeddings=False)
     specs = [
-        ("tiny-phi3 (dense)", ModelConfig(name="bench-phi3", ffn_dim=768, sliding_window=1000,
+        (f"tiny-phi3 (dense, d={hidden})", ModelConfig(name="bench-phi3", ffn_dim=3 * hidden, sliding_window=1000,
                                           hf_architecture="Phi3ForCausalLM", **common)),
-        ("tiny-mixtral (MoE 8x top-2)", ModelConfig(name="bench-moe", layer_pattern="M", ffn_dim=768,
-                                                    moe=MoEConfig(num_experts=8, top_k=2, expert_ffn_dim=384),
+        (f"tiny-mixtral (MoE 8x2, d={hidden})", ModelConfig(name="bench-moe", layer_pattern="M", ffn_dim=3 * hidden,
+                                                    moe=MoEConfig(num_experts=8, top_k=2,
+                                                                  expert_ffn_dim=3 * hidden // 2),
                                                     **common)),
     ]
     out = []
@@ -161,6 +164,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", default=None, metavar="DIR",
                     help="benchmark this model directory (repeatable) instead of the two tiny models")
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size of the two tiny models")
+    ap.add_argument("--layers", type=int, default=4, help="layers of the two tiny models")
+    ap.add_argument("--vocab", type=int, default=4096, help="vocabulary of the two tiny models")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (the longest in a batch)")
     ap.add_argument("--repeats", type=int, default=5, help="repeats per measurement (median reported)")
@@ -181,7 +187,7 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        models = [(Path(m).name, Path(m)) for m in args.model] if args.model else _tiny_models(tmp)
+        models = [(Path(m).name, Path(m)) for m in args.model] if args.model else _tiny_models(tmp, args.hidden, args.layers, args.vocab)
         for label, path in models:
             print(f"benchmarking {label} ({path})", flush=True)
             rows += bench_model(label, path, tmp, args)
@@ -190,7 +196,7 @@ def main(argv=None) -> int:
 
     atomic_write_json(args.json, {"python": sys.version.split()[0], "machine": platform.machine(),
                                   "torch": torch.__version__, "transformers": transformers.__version__,
-                                  "threads": args.threads, "dtype": "as stored (fp32 for the tiny models)",
+                                  "threads": args.threads, "argv": sys.argv[1:], "dtype": "as stored (fp32 for the tiny models)",
                                   "rows": rows})
     print(f"wrote {Path(args.json)}")
     return 0

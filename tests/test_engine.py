@@ -168,6 +168,17 @@ def test_stream_cancellation_frees_one_sequence(dense_engine):
     assert sum(1 for e in events if e.index == 0 and e.token_id is not None) == 10
 
 
+def test_stream_does_not_leak_inference_mode_and_can_be_abandoned(dense_engine):
+    stream = dense_engine.stream(PROMPTS[:2], SamplingParams(max_new_tokens=20))
+    next(stream)
+    assert not torch.is_inference_mode_enabled()
+    x = torch.ones(2, requires_grad=True)
+    assert (x * 2).sum().requires_grad  # autograd still works for the caller between events
+    stream.close()  # a client that goes away mid-stream
+    assert not torch.is_inference_mode_enabled()
+    assert dense_engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))[0].finish_reason == "length"
+
+
 def test_bad_input_is_a_clear_error(dense_engine):
     with pytest.raises(EffilmError, match="context window is 512"):
         dense_engine.stream([[5] * 512], SamplingParams())  # raised before iteration

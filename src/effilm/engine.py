@@ -238,37 +238,41 @@ class Engine:
         pipeline = LogitsPipeline(params, model.cfg.vocab_size, dev, ids)
         detoks = [_Detok(self.tokenizer, p.stop) for p in params]
         active = list(range(B))
+        # inference mode is entered around the tensor work only, never across a yield: the
+        # caller's code between events must not run (or leave the generator) in inference mode
         with torch.inference_mode():
             positions = (mask[:, :P].long().cumsum(1) - 1).clamp(min=0) if padded else None
             logits = self._prefill(inp, cache, positions, mask if padded else None)
-            step = 0
-            while True:
+        step = 0
+        while True:
+            with torch.inference_mode():
                 nxt = pipeline.step(logits)
                 pipeline.observe(nxt)
                 chosen = nxt.tolist()  # the one host sync per step
-                still = []
-                for i in active:
-                    tok, d = chosen[i], detoks[i]
-                    if tok in self.eos_ids:
-                        text = d.flush()
-                        d.ids.append(tok)
-                        yield StreamEvent(i, text, tok, "stop")
-                        continue
-                    text, hit = d.push(tok)
-                    if hit:
-                        yield StreamEvent(i, text, tok, "stop")
-                    elif len(d.ids) >= limits[i]:
-                        yield StreamEvent(i, text + d.flush(), tok, "length")
-                    elif cancelled is not None and cancelled(i):
-                        yield StreamEvent(i, text, tok, None)
-                        yield StreamEvent(i, "", None, "cancelled")
-                    else:
-                        yield StreamEvent(i, text, tok, None)
-                        still.append(i)
-                active = still
-                if not active:
-                    return
-                step += 1
+            still = []
+            for i in active:
+                tok, d = chosen[i], detoks[i]
+                if tok in self.eos_ids:
+                    text = d.flush()
+                    d.ids.append(tok)
+                    yield StreamEvent(i, text, tok, "stop")
+                    continue
+                text, hit = d.push(tok)
+                if hit:
+                    yield StreamEvent(i, text, tok, "stop")
+                elif len(d.ids) >= limits[i]:
+                    yield StreamEvent(i, text + d.flush(), tok, "length")
+                elif cancelled is not None and cancelled(i):
+                    yield StreamEvent(i, text, tok, None)
+                    yield StreamEvent(i, "", None, "cancelled")
+                else:
+                    yield StreamEvent(i, text, tok, None)
+                    still.append(i)
+            active = still
+            if not active:
+                return
+            step += 1
+            with torch.inference_mode():
                 if padded:
                     mask[:, P + step - 1] = True
                     logits = self._decode(nxt, cache, pos0 + (step - 1), mask)
