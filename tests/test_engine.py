@@ -127,6 +127,23 @@ def test_each_sequence_stops_on_its_own(dense_engine):
     assert [len(c.token_ids) for c in out[::2]] == [3, 1]
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_finished_rows_are_dropped_without_changing_outputs(tok, fast):
+    engine = Engine(tiny("tiny-moe", **LIVELY), tok, fast=fast)
+    sizes = []
+    decode = engine._decode
+    engine._decode = lambda tokens, *a: sizes.append(tokens.shape[0]) or decode(tokens, *a)
+    params = [SamplingParams(max_new_tokens=n, temperature=t, seed=s, repetition_penalty=r)
+              for n, t, s, r in ((2, 0.0, None, 1.0), (9, 0.9, 1, 1.3), (1, 0.0, None, 1.0), (6, 0.7, 2, 1.0))]
+    compacted = engine.generate(PROMPTS, params)
+    assert min(sizes) < len(PROMPTS)  # the batch did shrink
+    engine.compact_below, sizes[:] = 0.0, []
+    kept = engine.generate(PROMPTS, params)
+    assert set(sizes) == {len(PROMPTS)}
+    assert [c.token_ids for c in compacted] == [c.token_ids for c in kept]
+    assert [len(c.token_ids) for c in kept][::2] == [2, 1]
+
+
 def test_eos_stops_a_sequence(tok):
     model = tiny("tiny-dense", **LIVELY)
     free = Engine(model, tok).generate(PROMPTS[:2], SamplingParams(max_new_tokens=12))

@@ -25,6 +25,9 @@ __all__ = ["SamplingParams", "Completion", "StreamEvent", "Engine", "load_genera
 
 # Tokens that end a turn in common chat formats; a model that emits one has finished its answer.
 END_OF_TURN_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>")
+# Finished rows keep riding in the batch (cheap) until at most this fraction of rows is still
+# running; then the batch is compacted (one index_select per cache tensor).
+COMPACT_BELOW = 0.5
 
 
 @dataclass
@@ -114,6 +117,8 @@ class Engine:
         self.max_context = int(model.cfg.max_seq_len)
         # the inference-only steps of effilm.decode, unless off or the model has modules they do not know
         self.fast = bool(fast) and supports(model)
+        # drop finished sequences from the running batch once at most this fraction is still active
+        self.compact_below = COMPACT_BELOW
         ids = {int(i) for i in eos_ids}
         for i in (getattr(tokenizer, "eos_id", None), model.cfg.eos_token_id):
             if i is not None:
@@ -237,12 +242,13 @@ class Engine:
         pos0 = torch.tensor(lens, device=dev)[:, None]
         pipeline = LogitsPipeline(params, model.cfg.vocab_size, dev, ids)
         detoks = [_Detok(self.tokenizer, p.stop) for p in params]
-        active = list(range(B))
+        active = set(range(B))
         # inference mode is entered around the tensor work only, never across a yield: the
         # caller's code between events must not run (or leave the generator) in inference mode
         with torch.inference_mode():
             positions = (mask[:, :P].long().cumsum(1) - 1).clamp(min=0) if padded else None
             logits = self._prefill(inp, cache, positions, mask if padded else None)
+        rows = list(range(B))  # batch row -> sequence index; finished rows are dropped in bulk
         step = 0
         while True:
             with torch.inference_mode():
@@ -250,8 +256,10 @@ class Engine:
                 pipeline.observe(nxt)
                 chosen = nxt.tolist()  # the one host sync per step
             still = []
-            for i in active:
-                tok, d = chosen[i], detoks[i]
+            for r, i in enumerate(rows):
+                if i not in active:
+                    continue
+                tok, d = chosen[r], detoks[i]
                 if tok in self.eos_ids:
                     text = d.flush()
                     d.ids.append(tok)
@@ -268,11 +276,19 @@ class Engine:
                 else:
                     yield StreamEvent(i, text, tok, None)
                     still.append(i)
-            active = still
+            active = set(still)
             if not active:
                 return
             step += 1
             with torch.inference_mode():
+                if len(active) <= len(rows) * self.compact_below:
+                    keep = [r for r, i in enumerate(rows) if i in active]
+                    rows = [rows[r] for r in keep]
+                    idx = torch.tensor(keep, device=dev)
+                    cache.k = [k.index_select(0, idx) for k in cache.k]
+                    cache.v = [v.index_select(0, idx) for v in cache.v]
+                    mask, pos0, nxt = mask.index_select(0, idx), pos0.index_select(0, idx), nxt.index_select(0, idx)
+                    pipeline.select(keep)
                 if padded:
                     mask[:, P + step - 1] = True
                     logits = self._decode(nxt, cache, pos0 + (step - 1), mask)

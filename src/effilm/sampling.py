@@ -94,6 +94,19 @@ class LogitsPipeline:
                 torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None for p in params
             ]
 
+    def select(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order): the engine drops finished sequences from the batch."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        self.params = [self.params[r] for r in rows]
+        self.sample_rows = [i for i, p in enumerate(self.params) if not p.greedy]
+        if self.penalize:
+            idx = idx.to(self.seen.device)
+            self.penalty, self.seen = self.penalty[idx], self.seen[idx]
+        if hasattr(self, "generators"):
+            idx = idx.to(self.temperature.device)
+            self.temperature, self.top_k, self.top_p = self.temperature[idx], self.top_k[idx], self.top_p[idx]
+            self.generators = [self.generators[r] for r in rows]
+
     def observe(self, tokens: torch.Tensor) -> None:
         """Record the tokens just chosen (for the repetition penalty)."""
         if self.penalize:
