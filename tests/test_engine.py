@@ -171,6 +171,24 @@ def test_stop_strings_and_streaming(dense_engine):
     assert [e.token_id for e in events] == out.token_ids
 
 
+def test_incremental_detokenisation_holds_back_partial_characters_and_stop_prefixes(tok):
+    from effilm.engine import _Detok
+
+    text = "the café sat on 日本 mat ünïcode END tail"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.encode()) // 2  # multi-byte characters are split over several tokens
+    d, pieces, hit = _Detok(tok, ("END",)), [], False
+    for t in ids:
+        piece, hit = d.push(t)
+        pieces.append(piece)
+        assert "\ufffd" not in piece and "E" not in piece  # "E", "EN" could start "END": held back
+        if hit:
+            break
+    assert hit and "".join(pieces) == "the café sat on 日本 mat ünïcode "
+    d = _Detok(tok, ())
+    assert "".join(d.push(t)[0] for t in ids) + d.flush() == text
+
+
 def test_stream_cancellation_frees_one_sequence(dense_engine):
     seen = {i: 0 for i in range(3)}
 
