@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "effilm.commands.evaluate",
     "effilm.commands.train",
     "effilm.commands.plot",
+    "effilm.commands.generate",
 ]
 
 
