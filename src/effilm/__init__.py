@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "save_hf", "save", "ModelConfig", "MoEConfig", "build_model"]
+__all__ = ["__version__", "load", "save_hf", "save", "ModelConfig", "MoEConfig", "build_model", "generate"]
 
 _LAZY = {
     "load": ("effilm.checkpoint", "load"),
@@ -17,6 +17,7 @@ _LAZY = {
     "ModelConfig": ("effilm.config", "ModelConfig"),
     "MoEConfig": ("effilm.config", "MoEConfig"),
     "build_model": ("effilm.model", "build_model"),
+    "generate": ("effilm.engine", "generate"),
 }
 
 
