@@ -25,9 +25,8 @@ MAX_CONTEXT = 256
 
 def make_model_dir(root: Path) -> Path:
     """A tiny dense model plus a real BPE tokenizer (with a chat template), saved as ROOT/tiny."""
-    from engine_fixtures import add_tokenizer, make_tokenizer, tiny
-
     from effilm.checkpoint import save
+    from engine_fixtures import add_tokenizer, make_tokenizer, tiny
 
     tok = make_tokenizer(root)
     model = tiny("tiny-dense", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=MAX_CONTEXT)

@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from engine_fixtures import WORDS
-from serve_harness import MAX_CONTEXT, SERVED, ServerProcess, make_model_dir, sse_events
 
 from effilm.cli import main
+from engine_fixtures import WORDS
+from serve_harness import MAX_CONTEXT, SERVED, ServerProcess, make_model_dir, sse_events
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -251,6 +251,15 @@ def test_overload_queues_within_bound_then_429_and_disconnect_frees_the_slot(slo
     assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 3
     assert time.monotonic() - t0 < 6, "the disconnected stream kept its slot"
     assert _wait_for(lambda: srv.health()["active"] == 0)
+
+
+def test_a_non_streaming_client_that_gives_up_frees_its_slot(slow_server):
+    body = {"model": SERVED, "prompt": "the cat", "max_tokens": 240, "temperature": 0}  # >= 12 s at 50 ms/step
+    t0 = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(slow_server.base_url + "/completions", json=body, timeout=1.0)
+    assert _wait_for(lambda: slow_server.health()["active"] == 0, timeout_s=10)
+    assert time.monotonic() - t0 < 8, "the abandoned request kept generating"
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_zero(slow_server):

@@ -24,7 +24,17 @@ import time
 from dataclasses import dataclass, field
 
 from effilm.errors import ConfigError, EffilmError
-from effilm.serve_api import APIError, GenRequest, chunk, full_response, parse_chat, parse_completion, parse_json, sse
+from effilm.serve_api import (
+    APIError,
+    GenRequest,
+    chunk,
+    full_response,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    sse,
+    usage,
+)
 from effilm.serve_scheduler import EngineFailed, QueueFull, Scheduler
 
 OPEN_PATHS = ("/health",)  # served without the API key (load balancers, probes)
@@ -134,15 +144,14 @@ async def read_body(request, limit: int) -> bytes:
 class _Cancelling:
     """A streaming response that cancels its ticket however it ends (a disconnect included)."""
 
-    def __init__(self, response, ticket):
-        self.response, self.ticket = response, ticket
+    def __init__(self, response, scheduler: Scheduler, ticket):
+        self.response, self.scheduler, self.ticket = response, scheduler, ticket
 
     async def __call__(self, scope, receive, send):
         try:
             await self.response(scope, receive, send)
         finally:
-            if not self.ticket.finished:
-                self.ticket.cancel()
+            self.scheduler.cancel(self.ticket)
 
 
 class Server:
@@ -208,8 +217,8 @@ class Server:
         if req.stream:
             stream = StreamingResponse(self._sse(req, ticket), media_type="text/event-stream",
                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return _Cancelling(stream, ticket)
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, ticket))
+            return _Cancelling(stream, self.scheduler, ticket)
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, self.scheduler, ticket))
         try:
             text, n, finish = [], 0, None
             while finish is None:
@@ -222,8 +231,7 @@ class Server:
                 finish = ev.finish_reason
         finally:
             watcher.cancel()
-            if not ticket.finished:
-                ticket.cancel()
+            self.scheduler.cancel(ticket)
         return JSONResponse(full_response(req, "".join(text), _finish(finish), n))
 
     async def _sse(self, req: GenRequest, ticket):
@@ -281,8 +289,6 @@ def _finish(reason: str) -> str:
 
 
 def _usage(req: GenRequest, n: int) -> dict:
-    from effilm.serve_api import usage
-
     return usage(len(req.prompt_ids), n)
 
 
@@ -292,11 +298,11 @@ def _vocab_size(engine) -> int:
     return int(getattr(cfg, "vocab_size", 0) or 2**31)
 
 
-async def _cancel_on_disconnect(request, ticket) -> None:
+async def _cancel_on_disconnect(request, scheduler: Scheduler, ticket) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            ticket.cancel()
+            scheduler.cancel(ticket)
             return
 
 

@@ -70,6 +70,12 @@ class Scheduler:
         return {"active": self.active, "waiting": len(self.waiting), "max_concurrency": self.max_concurrency,
                 "max_queue": self.max_queue, "batches_run": self.batches_run}
 
+    def cancel(self, ticket: Ticket) -> None:
+        """Cancel ``ticket`` (its client went away) and wake the scheduler to drop or free it."""
+        if not ticket.finished:
+            ticket.cancel()
+            self._wake.set()
+
     def submit(self, prompt_ids: list[int], params) -> Ticket:
         if self._closing:
             raise QueueFull("the server is shutting down")
