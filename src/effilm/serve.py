@@ -50,6 +50,7 @@ class ServeConfig:
     max_concurrency: int = field(default=8, metadata={"help": "sequences generated at once (the engine's batch bound)"})
     max_queue: int = field(default=32, metadata={"help": "requests allowed to wait for a slot; beyond that the server answers 429"})
     max_body_bytes: int = field(default=1_048_576, metadata={"help": "largest request body accepted; larger ones get 413"})
+    max_batches: int = field(default=2, metadata={"help": "engine batches run at once (each in its own thread); new requests join the next batch"})
     batch_wait_ms: float = field(default=5.0, metadata={"help": "how long the scheduler waits for more requests to join a batch"})
     default_max_tokens: int = field(default=256, metadata={"help": "completion length when a request gives no max_tokens (capped by the context)"})
     shutdown_timeout_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight requests may take to finish before they are cancelled"})
@@ -63,7 +64,7 @@ class ServeConfig:
             raise ConfigError("model: a model directory is required")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("max_concurrency", "max_body_bytes", "default_max_tokens"):
+        for name in ("max_concurrency", "max_batches", "max_body_bytes", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_queue", "batch_wait_ms", "shutdown_timeout_s", "retry_after_s"):
@@ -167,7 +168,7 @@ class Server:
     # lifespan: the scheduler lives on uvicorn's event loop
     async def lifespan(self, app):
         self.scheduler = Scheduler(self.engine, self.cfg.max_concurrency, self.cfg.max_queue,
-                                   self.cfg.batch_wait_ms / 1000)
+                                   self.cfg.batch_wait_ms / 1000, self.cfg.max_batches)
         self.scheduler.start()
         try:
             yield

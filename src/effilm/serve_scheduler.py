@@ -5,9 +5,11 @@
 * A scheduler task wakes when a request arrives or a slot frees, waits ``batch_wait_s`` for the
   rest of a burst, and hands up to the free-slot count of waiting requests to one
   ``Engine.stream`` call in a worker thread. The engine is synchronous torch code, so the event
-  loop never runs it. Batches run side by side while their sequences fit in ``max_concurrency``:
-  a slot freed by a finished (or cancelled) sequence is reused at once, without waiting for the
-  rest of its batch.
+  loop never runs it. ``Engine.stream`` takes a fixed batch (no continuous batching), so up to
+  ``max_batches`` batches run side by side while their sequences fit in ``max_concurrency``: a
+  slot freed by a finished (or cancelled) sequence goes to the next batch without waiting for the
+  rest of its own. Capping the batches keeps waiting requests together in larger batches instead
+  of many batches of one competing for the same cores.
 * Events travel from the worker thread to each request's ``asyncio.Queue`` through
   ``call_soon_threadsafe``. A slot is released on the sequence's last event.
 * ``Ticket.cancel()`` (a disconnected client, a shutdown) is read by the engine's ``cancelled``
@@ -48,8 +50,8 @@ class Ticket:
 
 
 class Scheduler:
-    def __init__(self, engine, max_concurrency: int, max_queue: int, batch_wait_s: float):
-        self.engine = engine
+    def __init__(self, engine, max_concurrency: int, max_queue: int, batch_wait_s: float, max_batches: int = 2):
+        self.engine, self.max_batches = engine, max_batches
         self.max_concurrency, self.max_queue, self.batch_wait_s = max_concurrency, max_queue, batch_wait_s
         self.waiting: list[Ticket] = []
         self.active = 0  # sequences admitted to the engine and not yet finished
@@ -67,7 +69,7 @@ class Scheduler:
         self._task = asyncio.create_task(self._run(), name="effilm-scheduler")
 
     def stats(self) -> dict:
-        return {"active": self.active, "waiting": len(self.waiting), "max_concurrency": self.max_concurrency,
+        return {"active": self.active, "batches_running": len(self._running), "waiting": len(self.waiting), "max_concurrency": self.max_concurrency,
                 "max_queue": self.max_queue, "batches_run": self.batches_run}
 
     def cancel(self, ticket: Ticket) -> None:
@@ -95,7 +97,7 @@ class Scheduler:
             self._drop_cancelled_waiting()
             if self._closing and not self.waiting and not self._running:
                 return
-            if not self.waiting or self.active >= self.max_concurrency:
+            if not self.waiting or self.active >= self.max_concurrency or len(self._running) >= self.max_batches:
                 continue
             if self.batch_wait_s > 0 and len(self.waiting) < self.max_concurrency - self.active:
                 await asyncio.sleep(self.batch_wait_s)  # let the rest of a burst arrive
