@@ -112,7 +112,7 @@ def test_local_backend_without_engine_is_a_clear_error(tmp_path, capsys):
                       '[[audiences]]\nid = "a"\ninstruction = "A."\n[[styles]]\nid = "s"\ninstruction = "S."\n'
                       '[[kinds]]\nid = "k"\ninstruction = "K {topic}."\n[local]\ncheckpoint = "ckpt"\n')
     assert main(["synth", str(recipe), "--out", str(tmp_path / "o2")]) == 2
-    assert "effilm.engine" in capsys.readouterr().err
+    assert "ckpt" in capsys.readouterr().err  # effilm.engine now exists: the missing checkpoint is named
 
 
 def test_cli_synth_help_and_dry_run(tmp_path, capsys):

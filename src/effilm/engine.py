@@ -55,7 +55,7 @@ class _Detok:
         self.sent = 0  # characters of ``text`` already emitted
 
     def _decode(self, ids) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        return self.tok.decode(ids, skip_special_tokens=True) if self.tok is not None else ""
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; return (text to emit now, whether a stop string was reached)."""
@@ -96,9 +96,15 @@ class _Detok:
 
 
 class Engine:
-    """Batched generation for an effilm ``Transformer`` and an ``effilm.tokenizer.Tokenizer``."""
+    """Batched generation for an effilm ``Transformer`` and an ``effilm.tokenizer.Tokenizer``.
 
-    def __init__(self, model, tokenizer, device=None, name: str | None = None, eos_ids=()):
+    ``tokenizer=None`` gives a token-ids-only engine (prompts as id lists, empty texts, no stop
+    strings), which is what benchmarks of the raw decode loop use.
+    """
+
+    def __init__(self, model, tokenizer, device=None, name: str | None = None, eos_ids=(), fast: bool = True):
+        from effilm.decode import supports
+
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
@@ -106,6 +112,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self.name = name or getattr(model.cfg, "name", None) or "effilm"
         self.max_context = int(model.cfg.max_seq_len)
+        # the inference-only steps of effilm.decode, unless off or the model has modules they do not know
+        self.fast = bool(fast) and supports(model)
         ids = {int(i) for i in eos_ids}
         for i in (getattr(tokenizer, "eos_id", None), model.cfg.eos_token_id):
             if i is not None:
@@ -139,10 +147,12 @@ class Engine:
 
     # ----- text ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise EffilmError(f"{self.name} has no tokenizer: pass prompts as token-id lists")
         return self.tokenizer.encode(text)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of ``messages`` rendered by the tokenizer's chat template (with the
@@ -203,6 +213,8 @@ class Engine:
             params = [params] * len(ids)
         if len(params) != len(ids) or not all(isinstance(p, SamplingParams) for p in params):
             raise EffilmError(f"expected one SamplingParams or a list of {len(ids)}, got {len(params)} item(s)")
+        if self.tokenizer is None and any(p.stop for p in params):
+            raise EffilmError("stop strings need a tokenizer; this engine has none")
         limits = [min(p.max_new_tokens, self.max_context - len(i)) for p, i in zip(params, ids)]
         return ids, list(params), limits
 
@@ -226,45 +238,60 @@ class Engine:
         pipeline = LogitsPipeline(params, model.cfg.vocab_size, dev, ids)
         detoks = [_Detok(self.tokenizer, p.stop) for p in params]
         active = list(range(B))
+        # inference mode is entered around the tensor work only, never across a yield: the
+        # caller's code between events must not run (or leave the generator) in inference mode
         with torch.inference_mode():
-            if padded:
-                positions = (mask[:, :P].long().cumsum(1) - 1).clamp(min=0)
-                logits = model(inp, cache=cache, positions=positions, attention_mask=mask).logits[:, -1]
-            else:
-                logits = model(inp, cache=cache).logits[:, -1]
-            step = 0
-            while True:
+            positions = (mask[:, :P].long().cumsum(1) - 1).clamp(min=0) if padded else None
+            logits = self._prefill(inp, cache, positions, mask if padded else None)
+        step = 0
+        while True:
+            with torch.inference_mode():
                 nxt = pipeline.step(logits)
                 pipeline.observe(nxt)
                 chosen = nxt.tolist()  # the one host sync per step
-                still = []
-                for i in active:
-                    tok, d = chosen[i], detoks[i]
-                    if tok in self.eos_ids:
-                        text = d.flush()
-                        d.ids.append(tok)
-                        yield StreamEvent(i, text, tok, "stop")
-                        continue
-                    text, hit = d.push(tok)
-                    if hit:
-                        yield StreamEvent(i, text, tok, "stop")
-                    elif len(d.ids) >= limits[i]:
-                        yield StreamEvent(i, text + d.flush(), tok, "length")
-                    elif cancelled is not None and cancelled(i):
-                        yield StreamEvent(i, text, tok, None)
-                        yield StreamEvent(i, "", None, "cancelled")
-                    else:
-                        yield StreamEvent(i, text, tok, None)
-                        still.append(i)
-                active = still
-                if not active:
-                    return
-                step += 1
+            still = []
+            for i in active:
+                tok, d = chosen[i], detoks[i]
+                if tok in self.eos_ids:
+                    text = d.flush()
+                    d.ids.append(tok)
+                    yield StreamEvent(i, text, tok, "stop")
+                    continue
+                text, hit = d.push(tok)
+                if hit:
+                    yield StreamEvent(i, text, tok, "stop")
+                elif len(d.ids) >= limits[i]:
+                    yield StreamEvent(i, text + d.flush(), tok, "length")
+                elif cancelled is not None and cancelled(i):
+                    yield StreamEvent(i, text, tok, None)
+                    yield StreamEvent(i, "", None, "cancelled")
+                else:
+                    yield StreamEvent(i, text, tok, None)
+                    still.append(i)
+            active = still
+            if not active:
+                return
+            step += 1
+            with torch.inference_mode():
                 if padded:
                     mask[:, P + step - 1] = True
-                    logits = model(nxt[:, None], cache=cache, positions=pos0 + (step - 1), attention_mask=mask).logits[:, -1]
+                    logits = self._decode(nxt, cache, pos0 + (step - 1), mask)
                 else:
-                    logits = model(nxt[:, None], cache=cache).logits[:, -1]
+                    logits = self._decode(nxt, cache, None, None)
+
+    def _prefill(self, inp, cache, positions, mask):
+        if self.fast:
+            from effilm.decode import prefill
+
+            return prefill(self.model, inp, cache, positions, mask)
+        return self.model(inp, cache=cache, positions=positions, attention_mask=mask).logits[:, -1]
+
+    def _decode(self, tokens, cache, positions, mask):
+        if self.fast:
+            from effilm.decode import decode_step
+
+            return decode_step(self.model, tokens, cache, positions, mask)
+        return self.model(tokens[:, None], cache=cache, positions=positions, attention_mask=mask).logits[:, -1]
 
 
 def render_chat(template: str, messages: list[dict], tokenizer=None) -> str:

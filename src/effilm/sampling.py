@@ -99,23 +99,28 @@ class LogitsPipeline:
         if self.penalize:
             self.seen.scatter_(1, tokens[:, None], True)
 
-    def step(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token of every row, [B] int64 (on the logits' device; no host sync here)."""
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits after the penalty, temperature and top-k / top-p masking (-inf), as float32.
+        Greedy rows get the penalty only (truncation always keeps the best token anyway)."""
         logits = logits.float()
         if self.penalize:
             penalized = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
             logits = torch.where(self.seen, penalized, logits)
-        greedy = logits.argmax(dim=-1)
         if not self.sample_rows:
-            return greedy
+            return logits
         scaled = logits / self.temperature
-        if self.truncate:
-            scaled = self._truncate(scaled)
-        probs = torch.softmax(scaled, dim=-1)
-        out = greedy.clone()
+        return self._truncate(scaled) if self.truncate else scaled
+
+    def step(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of every row, [B] int64 (on the logits' device; no host sync here)."""
+        scores = self.process(logits)
+        chosen = scores.argmax(dim=-1)
+        if not self.sample_rows:
+            return chosen
+        probs = torch.softmax(scores, dim=-1)
         for i in self.sample_rows:
-            out[i] = torch.multinomial(probs[i], 1, generator=self.generators[i])[0]
-        return out
+            chosen[i] = torch.multinomial(probs[i], 1, generator=self.generators[i])[0]
+        return chosen
 
     def _truncate(self, scaled: torch.Tensor) -> torch.Tensor:
         """Top-k, then top-p over what is left, by masking to -inf (always keeps the best token)."""

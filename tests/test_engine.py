@@ -1,0 +1,342 @@
+"""The generation engine: batching, masking, stopping, sampling, HF parity, the CLI and the synth backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import effilm
+from effilm.cli import build_parser, main
+from effilm.engine import Engine, SamplingParams
+from effilm.errors import ConfigError, EffilmError
+from effilm.sampling import LogitsPipeline
+from effilm.tokenizer import load_tokenizer
+from engine_fixtures import add_tokenizer, make_tokenizer, tiny
+
+PROMPTS = ["the cat sat", "river stone bright garden number seven equals", "a", "blue house tree"]
+# untied embeddings and a wide init, so a random model does not just repeat its last prompt token
+LIVELY = dict(tie_embeddings=False, init_std=0.08)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return load_tokenizer(tok_dir)
+
+
+@pytest.fixture(scope="module")
+def dense_engine(tok):
+    return Engine(tiny("tiny-dense", **LIVELY), tok)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok_dir):
+    d = effilm.save(tiny("tiny-dense", **LIVELY), tmp_path_factory.mktemp("ckpt") / "tiny-ckpt")
+    return add_tokenizer(d, tok_dir)
+
+
+# ----- parameters ----------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value", [
+    ("max_new_tokens", 0), ("temperature", -0.5), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
+    ("repetition_penalty", 0.0), ("seed", "x"), ("stop", ("",)), ("max_new_tokens", 2.5), ("temperature", "hot"),
+])  # fmt: skip
+def test_sampling_params_validation_names_the_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_sampling_params_normalise():
+    p = SamplingParams(stop="END", temperature=1)
+    assert p.stop == ("END",) and isinstance(p.temperature, float) and not p.greedy
+
+
+# ----- batching ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe", "tiny-arctic"])
+def test_batched_greedy_equals_one_at_a_time(name, tok):
+    engine = Engine(tiny(name, **LIVELY), tok)
+    params = SamplingParams(max_new_tokens=16)
+    batched = engine.generate(PROMPTS, params)
+    alone = [engine.generate([p], params)[0] for p in PROMPTS]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
+    assert [c.text for c in batched] == [c.text for c in alone]
+    assert [c.prompt_tokens for c in batched] == [len(tok.encode(p)) for p in PROMPTS]
+    assert len({tuple(c.token_ids) for c in batched}) == len(PROMPTS)  # not a degenerate model
+    for c in batched:  # 16 tokens, or fewer ending in an end-of-text / end-of-turn token
+        assert (c.finish_reason, len(c.token_ids)) == ("length", 16) or (
+            c.finish_reason == "stop" and c.token_ids[-1] in engine.eos_ids and len(c.token_ids) <= 16)
+
+
+@pytest.mark.parametrize("name, over", [
+    ("tiny-dense", {}), ("tiny-moe", {}), ("tiny-arctic", {}), ("tiny-openelm", {}),
+    ("tiny-dense", {"sliding_window": 6}), ("tiny-dense", {"head_dim": 32, "rope_partial_factor": 0.5}),
+])  # fmt: skip
+def test_fast_steps_equal_the_model_forward(name, over):
+    """effilm.decode's inference steps against Transformer.forward: same logits, same tokens."""
+    from effilm.decode import decode_step, prefill
+
+    model = tiny(name, **LIVELY, **over)
+    fast, plain = Engine(model, None), Engine(model, None, fast=False)
+    assert fast.fast and not plain.fast
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33]]
+    params = SamplingParams(max_new_tokens=12)
+    assert [c.token_ids for c in fast.generate(prompts, params)] == [c.token_ids for c in plain.generate(prompts, params)]
+    ids = torch.tensor([prompts[0]])
+    c1, c2 = model.new_cache(1, 16), model.new_cache(1, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(prefill(model, ids, c1, None, None), model(ids, cache=c2).logits[:, -1])
+        for t in (3, 4, 5):
+            torch.testing.assert_close(decode_step(model, torch.tensor([t]), c1, None, None),
+                                       model(torch.tensor([[t]]), cache=c2).logits[:, -1], atol=1e-5, rtol=1e-5)
+    assert c1.length == c2.length == 12
+
+
+def test_unknown_modules_fall_back_to_the_model_forward():
+    model = tiny("tiny-dense")
+    model.layers[0].mlp = torch.nn.Sequential(model.layers[0].mlp)  # e.g. a wrapped or quantized module
+    assert not Engine(model, None).fast
+
+
+def test_left_padding_is_masked(dense_engine):
+    """The engine's output is the model's own greedy continuation, computed with no padding at all."""
+    model = dense_engine.model
+    ids = dense_engine.encode(PROMPTS[0])
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(8):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    got = dense_engine.generate(PROMPTS, SamplingParams(max_new_tokens=8))[0]  # padded: PROMPTS[1] is longer
+    assert got.token_ids == seq[len(ids):]
+
+
+def test_each_sequence_stops_on_its_own(dense_engine):
+    limits = (3, 9, 1, 5)
+    free = dense_engine.generate(PROMPTS, SamplingParams(max_new_tokens=9))
+    out = dense_engine.generate(PROMPTS, [SamplingParams(max_new_tokens=n) for n in limits])
+    for n, f, c in zip(limits, free, out):
+        assert c.token_ids == f.token_ids[:n]
+        assert c.finish_reason == ("length" if len(c.token_ids) == n else "stop")
+    assert [len(c.token_ids) for c in out[::2]] == [3, 1]
+
+
+def test_eos_stops_a_sequence(tok):
+    model = tiny("tiny-dense", **LIVELY)
+    free = Engine(model, tok).generate(PROMPTS[:2], SamplingParams(max_new_tokens=12))
+    eos = free[0].token_ids[4]
+    assert eos not in free[0].token_ids[:4]
+    out = Engine(model, tok, eos_ids=[eos]).generate(PROMPTS[:2], SamplingParams(max_new_tokens=12))
+    assert out[0].finish_reason == "stop" and out[0].token_ids == free[0].token_ids[:5]
+    assert out[0].text == tok.decode(free[0].token_ids[:4], skip_special_tokens=True)
+    n = free[1].token_ids.index(eos) + 1 if eos in free[1].token_ids else 12
+    assert out[1].token_ids == free[1].token_ids[:n]
+
+
+def test_stop_strings_and_streaming(dense_engine):
+    full = dense_engine.generate([PROMPTS[3]], SamplingParams(max_new_tokens=24))[0]
+    text = full.text
+    cut = next(i for i in range(6, len(text) - 3) if text[i:i + 3].strip() and text.find(text[i:i + 3]) == i)
+    stop = text[cut:cut + 3]
+    params = SamplingParams(max_new_tokens=24, stop=("zzzz-never", stop))
+    out = dense_engine.generate([PROMPTS[3]], params)[0]
+    assert out.finish_reason == "stop" and out.text == text[:cut]
+    events = list(dense_engine.stream([PROMPTS[3]], params))
+    assert "".join(e.text for e in events) == text[:cut]
+    assert events[-1].finish_reason == "stop" and all(e.finish_reason is None for e in events[:-1])
+    assert all(stop not in e.text for e in events)
+    assert [e.token_id for e in events] == out.token_ids
+
+
+def test_stream_cancellation_frees_one_sequence(dense_engine):
+    seen = {i: 0 for i in range(3)}
+
+    def cancelled(i):
+        seen[i] += 1
+        return i == 1 and seen[i] >= 3
+
+    events = list(dense_engine.stream(PROMPTS[:3], SamplingParams(max_new_tokens=10), cancelled=cancelled))
+    last = {e.index: e for e in events if e.finish_reason}
+    assert last[1].finish_reason == "cancelled" and last[0].finish_reason == last[2].finish_reason == "length"
+    assert sum(1 for e in events if e.index == 1 and e.token_id is not None) == 3
+    assert sum(1 for e in events if e.index == 0 and e.token_id is not None) == 10
+
+
+def test_stream_does_not_leak_inference_mode_and_can_be_abandoned(dense_engine):
+    stream = dense_engine.stream(PROMPTS[:2], SamplingParams(max_new_tokens=20))
+    next(stream)
+    assert not torch.is_inference_mode_enabled()
+    x = torch.ones(2, requires_grad=True)
+    assert (x * 2).sum().requires_grad  # autograd still works for the caller between events
+    stream.close()  # a client that goes away mid-stream
+    assert not torch.is_inference_mode_enabled()
+    assert dense_engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))[0].finish_reason == "length"
+
+
+def test_bad_input_is_a_clear_error(dense_engine):
+    with pytest.raises(EffilmError, match="context window is 512"):
+        dense_engine.stream([[5] * 512], SamplingParams())  # raised before iteration
+    with pytest.raises(EffilmError, match="prompt 1 is empty"):
+        dense_engine.generate(["x", ""])
+    with pytest.raises(EffilmError, match="outside the vocabulary"):
+        dense_engine.generate([[1, 999]])
+    with pytest.raises(EffilmError, match="non-empty list"):
+        dense_engine.generate("a string, not a list")
+    with pytest.raises(EffilmError, match="list of 2"):
+        dense_engine.generate(["a", "b"], [SamplingParams()] * 3)
+    out = dense_engine.generate([[5] * 509], SamplingParams(max_new_tokens=50))[0]
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"  # capped by the context window
+
+
+# ----- sampling ------------------------------------------------------------------------------
+def test_seeded_sampling_is_reproducible_batched_or_not(dense_engine):
+    p = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.2, seed=3)
+    a = dense_engine.generate(PROMPTS, p)
+    b = dense_engine.generate(PROMPTS, p)
+    alone = [dense_engine.generate([x], p)[0] for x in PROMPTS]
+    assert [c.token_ids for c in a] == [c.token_ids for c in b] == [c.token_ids for c in alone]
+    other = dense_engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, temperature=1.0, seed=4))
+    assert [c.token_ids for c in other] != [c.token_ids for c in a]
+    greedy = dense_engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    assert [c.token_ids for c in a] != [c.token_ids for c in greedy]
+    # top_k=1 and a tiny top_p both reduce sampling to greedy
+    for p in (SamplingParams(max_new_tokens=12, temperature=2.0, top_k=1, seed=1),
+              SamplingParams(max_new_tokens=12, temperature=2.0, top_p=1e-6, seed=1)):
+        assert [c.token_ids for c in dense_engine.generate(PROMPTS, p)] == [c.token_ids for c in greedy]
+
+
+def test_logits_pipeline_matches_transformers_processors():
+    from transformers import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    V, seen = 50, [[3, 7, 7, 11], [0, 49]]
+    logits = torch.randn(2, V) * 3
+    ids = torch.tensor([seen[0], seen[1] + [0, 0]])
+    for kw in (dict(repetition_penalty=1.7), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.6),
+               dict(temperature=0.9, top_k=10, top_p=0.8, repetition_penalty=0.8)):
+        params = SamplingParams(**kw)
+        pipe = LogitsPipeline([params] * 2, V, "cpu", seen)
+        ref = logits.clone()
+        if params.repetition_penalty != 1.0:
+            ref = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(ids, ref)
+        if not params.greedy:
+            ref = TemperatureLogitsWarper(params.temperature)(ids, ref)
+            if params.top_k:
+                ref = TopKLogitsWarper(params.top_k)(ids, ref)
+            if params.top_p < 1:
+                ref = TopPLogitsWarper(params.top_p)(ids, ref)
+        got = pipe.process(logits)
+        assert torch.equal(torch.isinf(got), torch.isinf(ref)), kw
+        finite = ~torch.isinf(ref)
+        torch.testing.assert_close(got[finite], ref[finite])
+
+
+# ----- parity with transformers --------------------------------------------------------------
+@pytest.mark.parametrize("name, arch", [("tiny-dense", "LlamaForCausalLM"), ("tiny-moe", "MixtralForCausalLM")])
+def test_greedy_equals_transformers_generate(name, arch, tmp_path, tok_dir, tok):
+    transformers = pytest.importorskip("transformers")
+    model = tiny(name, **LIVELY, n_layers=2)
+    effilm.save_hf(model, tmp_path / "hf")
+    add_tokenizer(tmp_path / "hf", tok_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == arch
+    engine = Engine.load(tmp_path / "hf")  # the HF directory, through effilm's HF loader
+    assert engine.name == "hf"
+    params = SamplingParams(max_new_tokens=20)
+    for prompt, got in zip(PROMPTS, engine.generate(PROMPTS, params)):
+        ids = torch.tensor([tok.encode(prompt)])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                              eos_token_id=sorted(engine.eos_ids), pad_token_id=tok.pad_id)
+        assert got.token_ids == ref[0, ids.shape[1]:].tolist(), prompt
+
+
+# ----- chat, API, CLI ------------------------------------------------------------------------
+def test_chat_prompt_matches_transformers_template(dense_engine, tok_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the cat sat"}]
+    ref = AutoTokenizer.from_pretrained(tok_dir).apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert dense_engine.chat_prompt(messages) == dense_engine.encode(ref)
+    with pytest.raises(EffilmError, match=r"messages\[0\]"):
+        dense_engine.chat_prompt([{"role": "user"}])
+    bare = Engine(dense_engine.model, load_tokenizer(make_tokenizer(tmp_path, chat_template=False)))
+    with pytest.raises(EffilmError, match="no chat template"):
+        bare.chat_prompt(messages)
+
+
+def test_python_api(model_dir):
+    one = effilm.generate(model_dir, "the cat", max_new_tokens=6)
+    many = effilm.generate(model_dir, ["the cat", "a"], max_new_tokens=6)
+    assert one.token_ids == many[0].token_ids and len(one.token_ids) == 6
+    with pytest.raises(ConfigError, match="temperature"):
+        effilm.generate(model_dir, "x", temperature=-1)
+
+
+def test_cli_generate_streams_the_completion(model_dir, capsys):
+    expected = Engine.load(model_dir).generate(["the cat"], SamplingParams(max_new_tokens=7))[0].text
+    assert main(["generate", str(model_dir), "--prompt", "the cat", "--max-new-tokens", "7"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    rc = main(["generate", str(model_dir), "--prompt", "the cat", "--chat", "--max-new-tokens", "3",
+               "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9", "--repetition-penalty", "1.1",
+               "--seed", "1", "--stop", "x", "y"])
+    assert rc == 0
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top-p", "2"], "top_p must be in"),
+    (["--prompt-file-missing"], None),
+])  # fmt: skip
+def test_cli_generate_bad_params(model_dir, args, msg, capsys):
+    if msg is None:
+        with pytest.raises(SystemExit):
+            main(["generate", str(model_dir), "--prompt", "x", *args])
+        return
+    assert main(["generate", str(model_dir), "--prompt", "x", *args]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_cli_generate_bad_model_and_prompt(model_dir, tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "no such model directory" in capsys.readouterr().err
+    effilm.save(tiny("tiny-dense"), tmp_path / "no-tok")
+    assert main(["generate", str(tmp_path / "no-tok"), "--prompt", "x"]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err
+    assert main(["generate", str(model_dir), "--prompt", "the cat sat " * 300]) == 2
+    assert "context window is 512" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "-h"])
+    assert "--repetition-penalty" in capsys.readouterr().out
+
+
+# ----- the synth local backend ---------------------------------------------------------------
+def test_synth_local_backend_end_to_end(tmp_path, tok_dir):
+    from effilm.synth.recipe import load_recipe
+    from effilm.synth.runner import Run, read_records
+
+    ckpt = add_tokenizer(effilm.save(tiny("tiny-dense", max_seq_len=2048, **LIVELY), tmp_path / "ckpt"), tok_dir)
+    sampling = {"max_tokens": 5, "temperature": 0.8, "top_p": 0.9}
+    recipe = load_recipe(None, backend="local", records=3, sampling=sampling,
+                         local={"checkpoint": str(ckpt), "batch_size": 2})
+    s = Run(recipe, tmp_path / "out", log=lambda m: None).run()
+    recs = list(read_records(tmp_path / "out"))
+    assert s["complete"] and len(recs) == 3
+    assert all(r["provenance"]["backend"] == "local" and r["provenance"]["model"] == str(ckpt) for r in recs)
+    assert all(isinstance(r["text"], str) and r["text"] for r in recs)
+    again = Run(load_recipe(None, backend="local", records=3, sampling=sampling,
+                            local={"checkpoint": str(ckpt), "batch_size": 2}), tmp_path / "out2",
+                log=lambda m: None).run()
+    assert again["complete"] and [r["text"] for r in read_records(tmp_path / "out2")] == [r["text"] for r in recs]
