@@ -70,6 +70,8 @@ def test_health_is_open_and_everything_else_needs_the_key(server):
     r = httpx.get(server.base_url + "/models", headers=AUTH)
     assert r.status_code == 200
     assert [m["id"] for m in r.json()["data"]] == [SERVED] and r.json()["data"][0]["max_model_len"] == MAX_CONTEXT
+    assert httpx.get(f"{server.base_url}/models/{SERVED}", headers=AUTH).json()["id"] == SERVED
+    assert httpx.get(f"{server.base_url}/models/other", headers=AUTH).json()["error"]["code"] == "model_not_found"
 
 
 def test_completion_equals_the_engine_and_counts_usage(server, engine):
@@ -83,6 +85,19 @@ def test_completion_equals_the_engine_and_counts_usage(server, engine):
     ids = engine.encode("the cat sat on")  # token-id prompts work too
     r = post(server, "/completions", {"model": SERVED, "prompt": ids, "max_tokens": 12, "temperature": 0})
     assert r.json()["choices"][0]["text"] == want.text
+
+
+def test_sampling_parameters_reach_the_engine(server, engine):
+    from effilm.engine import SamplingParams
+
+    body = {"model": SERVED, "prompt": "the garden", "max_tokens": 12, "temperature": 1.5, "top_k": 50, "seed": 7}
+    texts = [post(server, "/completions", {**body, "seed": seed}).json()["choices"][0]["text"] for seed in (7, 7, 8)]
+    want = engine.generate(["the garden"], SamplingParams(max_new_tokens=12, temperature=1.5, top_k=50, seed=7))[0]
+    assert texts[0] == texts[1] == want.text and texts[2] != texts[0]
+    greedy_text = greedy(engine, "the garden", 12).text
+    stop = greedy_text[len(greedy_text) // 2:][:2]
+    r = post(server, "/completions", {**body, "temperature": 0, "stop": [stop]}).json()["choices"][0]
+    assert r["finish_reason"] == "stop" and r["text"] == greedy_text[:greedy_text.index(stop)]
 
 
 def test_streaming_completion_and_chat(server, engine):
