@@ -24,6 +24,7 @@ COMMAND_MODULES: list[str] = [
     "effilm.commands.train",
     "effilm.commands.plot",
     "effilm.commands.generate",
+    "effilm.commands.serve",
 ]
 
 
