@@ -147,6 +147,18 @@ def _loss(model, batch, dist=None):
     return ce + moe_loss, report + moe_loss.detach(), float(aux)
 
 
+def _grad_diffs(model, ref_grads: dict, dist) -> dict:
+    """Per parameter: the wrapped model's full gradient vs the reference's (rank 0; a collective)."""
+    from effilm.parallel import _ep_keys, _gather_full
+
+    ep = _ep_keys(model)
+    out = {}
+    for name, p in model.named_parameters():
+        g = _gather_full(p.grad, name in ep, dist)
+        out[name] = _maxdiff(g, ref_grads[name])
+    return out
+
+
 CLIP = 1.0  # gradient clipping threshold: the first steps' norms exceed it, so clipping acts
 
 
@@ -174,7 +186,11 @@ def train_worker(rank: int, world: int, port: int, out_path: str, preset: str, e
             ref_aux.append(aux)
             ref_opt.zero_grad()
             loss.backward()
-            ref_norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)))
+            if not ref_norms:
+                ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+            # the norm in float64: torch's fp32 total norm is itself off by ~4e-5 relative here
+            ref_norms.append(float(sum(p.grad.double().pow(2).sum() for p in ref.parameters()).sqrt()))
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
             ref_opt.step()
             ref_losses.append(float(rep))
         # two processes, half the batch each
@@ -191,10 +207,14 @@ def train_worker(rank: int, world: int, port: int, out_path: str, preset: str, e
             auxes.append(aux)
             opt.zero_grad()
             loss.backward()
+            if not norms:  # first step, identical weights: every gradient equals the reference's
+                grad_diffs = _grad_diffs(model, ref_grads, dist)
             norms.append(float(clip_grad_norm_(model, CLIP, dist)))
             opt.step()
             losses.append(float(rep))
         res = {"ref_losses": ref_losses, "losses": losses, "ref_norms": ref_norms, "norms": norms, "clip": CLIP}
+        if dist.is_main:
+            res["grad_max"], res["grad_worst"] = max((v, k) for k, v in grad_diffs.items())
         res["norm_rel_first"] = abs(norms[0] - ref_norms[0]) / ref_norms[0]  # identical weights
         res["norm_rel"] = max(abs(a - b) / b for a, b in zip(norms, ref_norms))
         res["ref_aux"], res["aux"] = ref_aux, auxes

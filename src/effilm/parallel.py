@@ -316,7 +316,7 @@ def load_full_optim_state_dict(model: nn.Module, optimizer, full: dict, dist: Di
             new = {}
             for key, v in st.items():
                 if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) == _full_shape(p, ep.get(name)):
-                    new[key] = _local_part(v, p, ep.get(name), dist).to(torch.float32 if p.is_floating_point() else v.dtype)
+                    new[key] = _local_part(v, p, ep.get(name), dist)  # in the parameter's dtype, as AdamW keeps it
                 else:
                     new[key] = v.clone() if isinstance(v, torch.Tensor) else v
             optimizer.state[p] = new
