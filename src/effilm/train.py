@@ -18,7 +18,6 @@ before the first step. Checkpoints hold everything needed to continue bitwise-id
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -132,7 +131,7 @@ def micro_loss(model, batch, device, amp, global_tokens: int, share: float, worl
         m = model_cfg(model).moe
         counts = torch.stack([s.counts_E for s in out.routing])  # [L, E]
         if reduce_counts is not None:
-            reduce_counts(counts)  # routing counts of this micro-batch over all ranks
+            counts = reduce_counts(counts)  # routing counts of this micro-batch over all ranks
         n_global_micro = out.routing[0].n_tokens * world_size
         # rank r's share of the global micro-batch loss E * sum_e f_e * P_e: P_e's sum over ranks
         # is split across the ranks' gradients, which FSDP/DDP average, hence the world_size factor
@@ -158,27 +157,10 @@ class _null:
         return False
 
 
-class _SingleProcess:
-    """The distributed interface in one process (effilm.parallel provides the torchrun one)."""
-
-    rank, world_size, local_rank, is_main = 0, 1, 0, True
-
-    def all_reduce_sum(self, tensor):
-        return tensor
-
-    def barrier(self) -> None:
-        pass
-
-    def destroy(self) -> None:
-        pass
-
-
 def _get_dist():
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from effilm.parallel import init_distributed
+    from effilm.parallel import init_distributed
 
-        return init_distributed()
-    return _SingleProcess()
+    return init_distributed()
 
 
 class _StopFlag:
@@ -226,7 +208,7 @@ def validate(model, val_batches: dict, device, amp, dist) -> dict[str, float]:
                     logits = model(tokens[:, :-1], doc_ids=doc_ids).logits.float()
                 ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="sum")
                 acc += torch.stack([ce.double(), acc.new_tensor(float(tokens[:, 1:].numel()))])
-            dist.all_reduce_sum(acc)
+            acc = dist.all_reduce_sum(acc)
             out[name] = float(acc[0] / acc[1].clamp_min(1))
     model.train(was_training)
     return out
@@ -334,9 +316,9 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool | None = None) ->
                     ce_total += ce_sum.double()
                     if routing:
                         per_micro.append(routing)
-                dist.all_reduce_sum(ce_total)
+                ce_total = dist.all_reduce_sum(ce_total)
                 step_loss = float(ce_total) / tokens_per_step
-                grad_norm = _clip(wrapped, cfg.optim.grad_clip)
+                grad_norm = _clip(wrapped, cfg.optim.grad_clip, dist)
                 finite = torch.isfinite(torch.tensor([step_loss, grad_norm])).all()
                 if not finite:
                     optimizer.zero_grad(set_to_none=True)
@@ -397,14 +379,16 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool | None = None) ->
         dist.destroy()
 
 
-def _clip(model, max_norm) -> float:
+def _clip(model, max_norm, dist) -> float:
+    """Clip to ``max_norm`` (None: only measure) and return the global gradient norm."""
     import torch
 
+    if dist.world_size > 1:
+        from effilm.parallel import clip_grad_norm_
+
+        return float(clip_grad_norm_(model, max_norm, dist))
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
-        norm = norm.full_tensor()
-    return float(norm)
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf")))
 
 
 def _moe_layers(model_cfg) -> list[int]:
@@ -431,12 +415,24 @@ def _check_same_run(state: dict, run_dict: dict, path) -> None:
 
 # ----- parallel hooks (one process: plain; torchrun: effilm.parallel) -----------------------------------
 def _parallelize(model, cfg: RunConfig, dist):
-    if dist.world_size == 1:
-        return torch_compile(model) if cfg.train.compile else model
-    from effilm.parallel import parallelize_for_training
+    """One process: the model itself. Under torchrun: experts spread over the ranks (MoE models,
+    when ``parallelism`` allows and E divides evenly), then FSDP2 over every block."""
+    if dist.world_size > 1:
+        from effilm.parallel import apply_expert_parallel, apply_fsdp
 
-    wrapped = parallelize_for_training(model, cfg.train.parallelism, dist)
-    return torch_compile(wrapped) if cfg.train.compile else wrapped
+        mode = cfg.train.parallelism
+        moe = cfg.model.moe
+        if mode == "fsdp+ep" and not cfg.model.has_moe:
+            raise EffilmError("train.parallelism='fsdp+ep' needs a model with MoE layers")
+        if mode == "fsdp+ep" and moe.num_experts % dist.world_size:
+            raise EffilmError(
+                f"train.parallelism='fsdp+ep': {moe.num_experts} experts do not split evenly over {dist.world_size} ranks"
+            )
+        use_ep = mode == "fsdp+ep" or (mode == "auto" and cfg.model.has_moe and moe.num_experts % dist.world_size == 0)
+        if use_ep:
+            apply_expert_parallel(model, dist)
+        apply_fsdp(model, dist)
+    return torch_compile(model) if cfg.train.compile else model
 
 
 def torch_compile(model):

@@ -154,7 +154,7 @@ def step_routing_stats(per_micro: list[list], cfg_moe, reduce=None) -> dict | No
     )
     if reduce is not None:
         flat = torch.cat([counts.reshape(-1).double(), probs.reshape(-1).double(), extra])
-        reduce(flat)
+        flat = reduce(flat)
         n = counts.numel()
         counts = flat[:n].reshape(counts.shape).float()
         probs = flat[n : 2 * n].reshape(probs.shape).float()

@@ -65,7 +65,7 @@ DECAY_SHAPES = ("linear", "cosine", "sqrt")
 NAN_POLICIES = ("stop", "skip")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-PARALLELISMS = ("auto", "none", "fsdp", "ep", "fsdp+ep")
+PARALLELISMS = ("auto", "fsdp", "fsdp+ep")
 
 
 @dataclass
