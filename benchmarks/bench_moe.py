@@ -128,24 +128,35 @@ def build_arm(arm, case, K):
 
 
 def time_arms(arms, case, K, backward, repeats, slow_s):
-    """Interleaved timing: every repeat runs each arm once, rotating the order. Median seconds."""
+    """Interleaved timing: every repeat runs each arm once, rotating the order.
+
+    Returns the median wall-clock seconds and the median process CPU seconds of each arm (with one
+    torch thread on a shared machine, CPU time is the steadier measure of the work done), and the
+    arms timed once because their warm-up run exceeded ``slow_s``.
+    """
     runners = {a: build_arm(a, case, K)[0] for a in arms}
-    times = {a: [] for a in arms}
-    single = set()
-    for a in arms:  # warm-up (allocator, thread pool, lazy inits)
-        t0 = time.perf_counter()
+    wall = {a: [] for a in arms}
+    cpu = {a: [] for a in arms}
+
+    def once(a):
+        t0, c0 = time.perf_counter(), time.process_time()
         runners[a](backward)
-        dt = time.perf_counter() - t0
-        if dt > slow_s:
-            times[a].append(dt)
-            single.add(a)
+        wall[a].append(time.perf_counter() - t0)
+        cpu[a].append(time.process_time() - c0)
+
+    for a in arms:  # warm-up (allocator, thread pool, lazy inits); kept only for the slow arms
+        once(a)
+    single = sorted(a for a in arms if wall[a][0] > slow_s)
     timed = [a for a in arms if a not in single]
+    for a in timed:
+        wall[a].clear()
+        cpu[a].clear()
     for r in range(repeats):
-        for a in timed[r % max(len(timed), 1):] + timed[: r % max(len(timed), 1)]:
-            t0 = time.perf_counter()
-            runners[a](backward)
-            times[a].append(time.perf_counter() - t0)
-    return {a: statistics.median(v) for a, v in times.items()}, sorted(single)
+        shift = r % max(len(timed), 1)
+        for a in timed[shift:] + timed[:shift]:
+            once(a)
+    med = statistics.median
+    return {a: med(v) for a, v in wall.items()}, {a: med(v) for a, v in cpu.items()}, single
 
 
 def check_agreement(arms, case, K):
@@ -199,37 +210,44 @@ def machine(device):
 
 
 def summarise(rows):
-    """Per (T, E, routing): fast/floor, fastest transformers impl / fast, fast time vs the E=8 row."""
+    """Per row, from wall-clock ("ms") and CPU time ("cpu_ms"): effilm_fast / dense_floor, fastest
+    transformers impl / effilm_fast, and effilm_fast against the smallest-E balanced row."""
     out = []
     for r in rows:
-        t = r["ms"]
         s = {k: r[k] for k in ("T", "E", "routing", "mode")}
-        if "effilm_fast" in t and "dense_floor" in t:
-            s["fast_over_floor"] = t["effilm_fast"] / t["dense_floor"]
-        hf = {a: t[a] for a in HF_ARMS if a in t}
-        if hf and "effilm_fast" in t:
-            best = min(hf, key=hf.get)
-            s["fastest_hf"] = best
-            s["fastest_hf_over_fast"] = hf[best] / t["effilm_fast"]
         base = [b for b in rows if b["T"] == r["T"] and b["mode"] == r["mode"] and b["routing"] == "balanced"
                 and b["E"] == min(x["E"] for x in rows if x["T"] == r["T"])]
-        if base and "effilm_fast" in t:
-            s["fast_growth_vs_smallest_E"] = t["effilm_fast"] / base[0]["ms"]["effilm_fast"]
+        for key, tag in (("ms", ""), ("cpu_ms", "_cpu")):
+            t = r[key]
+            if "effilm_fast" not in t:
+                continue
+            if "dense_floor" in t:
+                s["fast_over_floor" + tag] = t["effilm_fast"] / t["dense_floor"]
+            hf = {a: t[a] for a in HF_ARMS if a in t}
+            if hf:
+                best = min(hf, key=hf.get)
+                s["fastest_hf" + tag] = best
+                s["fastest_hf_over_fast" + tag] = hf[best] / t["effilm_fast"]
+            if base:
+                s["fast_growth_vs_smallest_E" + tag] = t["effilm_fast"] / base[0][key]["effilm_fast"]
         out.append(s)
     return out
 
 
 def print_table(rows, summary, arms):
+    nan = float("nan")
     head = f"{'T':>5} {'E':>4} {'routing':>8} {'mode':>7} " + " ".join(f"{a[:14]:>14}" for a in arms)
-    head += f" {'fast/floor':>10} {'hf/fast':>8} {'growth':>7}"
+    head += f" {'fast/floor':>10} {'hf/fast':>8} {'growth':>7} {'cpu:f/fl':>8} {'hf/f':>5} {'grow':>5}"
     print(head)
     for r, s in zip(rows, summary):
         cells = " ".join(f"{r['ms'][a]:>14.1f}" if a in r["ms"] else f"{'-':>14}" for a in arms)
-        ratios = f" {s.get('fast_over_floor', float('nan')):>10.2f} {s.get('fastest_hf_over_fast', float('nan')):>8.2f}"
-        ratios += f" {s.get('fast_growth_vs_smallest_E', float('nan')):>7.2f}"
+        ratios = f" {s.get('fast_over_floor', nan):>10.2f} {s.get('fastest_hf_over_fast', nan):>8.2f}"
+        ratios += f" {s.get('fast_growth_vs_smallest_E', nan):>7.2f} {s.get('fast_over_floor_cpu', nan):>8.2f}"
+        ratios += f" {s.get('fastest_hf_over_fast_cpu', nan):>5.2f} {s.get('fast_growth_vs_smallest_E_cpu', nan):>5.2f}"
         print(f"{r['T']:>5} {r['E']:>4} {r['routing']:>8} {r['mode']:>7} {cells}{ratios}")
-    print("times in ms (median); fast/floor = effilm_fast / dense_floor; hf/fast = fastest transformers impl / "
-          "effilm_fast; growth = effilm_fast / effilm_fast at the smallest E (balanced)")
+    print("times: median wall-clock ms. fast/floor = effilm_fast / dense_floor; hf/fast = fastest transformers "
+          "impl / effilm_fast; growth = effilm_fast / effilm_fast at the smallest E (balanced); cpu: the same "
+          "ratios from process CPU time")
 
 
 def plot(rows, arms, path):
@@ -311,9 +329,10 @@ def main(argv=None) -> int:
             notes.append(f"T={T} E={E}: hf_batched_mm skipped, it would gather {gb:.1f} GiB of expert weights")
         agree = check_agreement(arms, make_case(min(T, 256), E, D, F_, K, skew, args.skew_bias, device, dtype), K)
         for mode in args.modes:
-            ms, single = time_arms(arms, case, K, mode == "fwd+bwd", args.repeats, args.slow_s)
+            ms, cpu, single = time_arms(arms, case, K, mode == "fwd+bwd", args.repeats, args.slow_s)
             flops = 6 * T * K * D * F_ * (3 if mode == "fwd+bwd" else 1)
             row = {"T": T, "E": E, "routing": routing, "mode": mode, "ms": {a: v * 1e3 for a, v in ms.items()},
+                   "cpu_ms": {a: v * 1e3 for a, v in cpu.items()},
                    "active_gflop": flops / 1e9, "tflops": {a: flops / v / 1e12 for a, v in ms.items()},
                    "timed_once": single, "max_abs_diff_vs_reference": agree}
             if case["hot_fraction"] is not None:
