@@ -1,8 +1,9 @@
 """One MoE layer against the dense floor and transformers' experts, forward and forward+backward.
 
 Arms, timed in one process, interleaved (the order rotates every repeat), median of the repeats:
-- effilm_fast: ``effilm.moe.experts_sorted`` (loop kernel on CPU, grouped_mm on CUDA);
-- effilm_grouped_mm: the same with grouped_mm forced (on CPU: to show why the loop is chosen there);
+- effilm_fast: ``effilm.moe.experts_sorted`` with the kernel ``impl='auto'`` picks
+  (``prefers_grouped_mm``: grouped_mm on CUDA and in fp32 on CPU);
+- effilm_loop: the same with the per-expert loop kernel (hand-written backward) forced;
 - effilm_reference: ``effilm.moe.experts_reference``;
 - hf_eager, hf_batched_mm, hf_grouped_mm: transformers 5.x ``MixtralExperts`` with
   ``config._experts_implementation`` set to each (the ``@use_experts_implementation`` dispatch);
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("effilm_fast", "effilm_grouped_mm", "effilm_reference", "hf_eager", "hf_batched_mm", "hf_grouped_mm",
+ARMS = ("effilm_fast", "effilm_loop", "effilm_reference", "hf_eager", "hf_batched_mm", "hf_grouped_mm",
         "dense_floor")
 HF_ARMS = ("hf_eager", "hf_batched_mm", "hf_grouped_mm")
 
@@ -62,6 +63,7 @@ def build_arm(arm, case, K):
     import torch.nn.functional as F
 
     from effilm.moe import experts_reference, experts_sorted
+    from effilm.moe_kernels import prefers_grouped_mm
 
     x0, w_gu0, w_d0 = case["x"], case["w_gu"], case["w_d"]
     ids, w0, grad_out = case["topk_ids"], case["topk_w"], case["grad_out"]
@@ -105,7 +107,7 @@ def build_arm(arm, case, K):
                 def call():
                     return experts_reference(x, ids, topk_w, w_gu, w_d)
             else:
-                use_gmm = arm == "effilm_grouped_mm" or cuda
+                use_gmm = arm == "effilm_fast" and prefers_grouped_mm(x0)
 
                 def call():
                     return experts_sorted(x, ids, topk_w, w_gu, w_d, use_grouped_mm=use_gmm)

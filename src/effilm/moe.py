@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effilm.config.model import MoEConfig
-from effilm.moe_kernels import expert_offsets, experts_sorted, grouped_expert_ffn
+from effilm.moe_kernels import expert_offsets, experts_sorted, grouped_expert_ffn, prefers_grouped_mm
 
 __all__ = ["experts_reference", "experts_sorted", "grouped_expert_ffn", "MoE", "RoutingStats"]
 
@@ -175,7 +175,7 @@ class MoE(nn.Module):
             keep_TK = capacity_keep_mask(topk_ids_TK, E, capacity)
         impl = self.impl
         if impl == "auto":
-            impl = "grouped_mm" if x_TD.is_cuda else "sorted"
+            impl = "grouped_mm" if prefers_grouped_mm(x_TD) else "sorted"
         w_gu, w_d = self.experts.w_gate_up, self.experts.w_down
         if self.experts_fn is not None:
             y_TD = self.experts_fn(x_TD, topk_ids_TK, topk_w_TK, keep_TK)
