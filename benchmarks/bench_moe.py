@@ -18,7 +18,7 @@ hf_batched_mm gathers one weight matrix per assignment; it is skipped when that 
 --max-gather-gb (it is, at the issue's T).
 
 Run: PYTHONPATH=src python benchmarks/bench_moe.py            (full sweep; see docs/BENCHMARKS.md)
-     PYTHONPATH=src python benchmarks/bench_moe.py --quick    (smoke run, a few seconds)
+     PYTHONPATH=src python benchmarks/bench_moe.py --quick    (smoke run of every arm at T=64)
 """
 
 from __future__ import annotations
@@ -285,7 +285,7 @@ def plot(rows, arms, path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: T=256, E in 8,32, 2 repeats")
+    ap.add_argument("--quick", action="store_true", help="smoke run: T=64, E in 8,16 (+skew at 16), 1 repeat")
     ap.add_argument("--T", type=int, nargs="+", default=[2048, 8192], help="token counts")
     ap.add_argument("--E", type=int, nargs="+", default=[8, 16, 32, 64, 128], help="expert counts")
     ap.add_argument("--D", type=int, default=512, help="model width")
@@ -315,7 +315,7 @@ def main(argv=None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.quick:
-        args.T, args.E, args.skew_E, args.repeats = [256], [8, 32], [32], 2
+        args.T, args.E, args.skew_E, args.repeats = [64], [8, 16], [16], 1
     suffix = "_quick" if args.quick else ("_cuda" if device == "cuda" else "")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"bench_moe{suffix}.json")
     png = Path(args.plot or out.with_suffix(".png"))
