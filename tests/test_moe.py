@@ -110,3 +110,90 @@ def test_router_runs_in_fp32_under_bf16():
     logits, *_ = m_bf16.route(x.to(torch.bfloat16))
     assert logits.dtype == torch.float32
     assert (ids16 == ids32).float().mean() > 0.9
+
+
+# ----- the fast kernels (effilm.moe_kernels) --------------------------------------------------
+IMPLS = ["sorted", "grouped_mm"] if hasattr(torch.nn.functional, "grouped_mm") else ["sorted"]
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _assert_all_close(got, ref, what):
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5, msg=f"{what}: output")
+    torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5, msg=f"{what}: input grad")
+    for n in ref[2]:
+        torch.testing.assert_close(got[2][n], ref[2][n], atol=1e-5, rtol=1e-5, msg=f"{what}: grad {n}")
+
+
+@pytest.mark.parametrize("E", [16, 64, 128])  # with the test above: every E of the benchmark sweep
+def test_fast_paths_match_reference_at_benchmark_expert_counts(E, one_thread):
+    m = _moe(E, 2)
+    x = _x(96)
+    ref = _run(m, "reference", x)
+    assert ref[2]["router.weight"].abs().sum() > 0  # the router gradient is compared, not vacuous
+    for impl in IMPLS:
+        _assert_all_close(_run(m, impl, x), ref, f"{impl} E={E}")
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_capacity_dropping_gradients_agree(K, one_thread):
+    m = _moe(8, K, skew=True, capacity_factor=0.8)
+    m.train()
+    x = _x(80)
+    _, stats = m(x)
+    assert int(stats.dropped) > 0
+    ref = _run(m, "reference", x)
+    for impl in IMPLS:
+        _assert_all_close(_run(m, impl, x), ref, f"{impl} K={K} with drops")
+
+
+def test_loop_kernel_gradcheck_with_empty_experts_and_dropped_rows():
+    from effilm.moe import grouped_expert_ffn
+
+    torch.manual_seed(0)
+    D, F_, E = 6, 4, 5
+    counts = torch.tensor([3, 0, 2, 0, 1])  # experts 1 and 3 get no rows; 2 trailing rows are dropped
+    x = torch.randn(8, D, dtype=torch.float64, requires_grad=True)
+    w_gu = torch.randn(E, 2 * F_, D, dtype=torch.float64, requires_grad=True)
+    w_d = torch.randn(E, D, F_, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: grouped_expert_ffn(a, counts, b, c), (x, w_gu, w_d))
+    y = grouped_expert_ffn(x, counts, w_gu, w_d)
+    assert (y[6:] == 0).all()
+    y.sum().backward()
+    assert (x.grad[6:] == 0).all() and (w_gu.grad[[1, 3]] == 0).all() and (w_d.grad[[1, 3]] == 0).all()
+    # the rows of expert 2 are its own SwiGLU, computed directly
+    g, u = (x[3:5] @ w_gu[2].t()).chunk(2, dim=-1)
+    torch.testing.assert_close(y[3:5], (torch.nn.functional.silu(g) * u) @ w_d[2].t())
+
+
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"), reason="needs grouped_mm")
+def test_grouped_mm_path_reads_nothing_back_to_the_host(monkeypatch, one_thread):
+    m = _moe(8, 2, skew=True, capacity_factor=0.8, impl="grouped_mm")
+    m.train()
+    x = _x(40).requires_grad_(True)
+
+    def forbidden(*a, **k):
+        raise AssertionError("host sync on the grouped_mm path")
+
+    for name in ("tolist", "item", "nonzero", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    for name in ("nonzero", "bincount", "unique"):
+        monkeypatch.setattr(torch, name, forbidden)
+    y, stats = m(x)
+    (y.square().sum() + stats.prob_sum_E.sum()).backward()
+    monkeypatch.undo()
+    assert x.grad is not None and int(stats.dropped) > 0
+
+
+def test_fast_path_is_deterministic(one_thread):
+    m = _moe(32, 2)
+    x = _x(64)
+    a, b = _run(m, "sorted", x), _run(m, "sorted", x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert all(torch.equal(a[2][n], b[2][n]) for n in a[2])

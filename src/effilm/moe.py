@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from effilm.config.model import MoEConfig
+from effilm.moe_kernels import expert_offsets, experts_sorted, grouped_expert_ffn, prefers_grouped_mm
+
+__all__ = ["experts_reference", "experts_sorted", "grouped_expert_ffn", "MoE", "RoutingStats"]
 
 
 @dataclass
@@ -98,10 +101,10 @@ def capacity_keep_mask(topk_ids_TK: torch.Tensor, num_experts: int, capacity: in
     """Which assignments fit in each expert's capacity; top-1 choices take priority over top-2."""
     T, K = topk_ids_TK.shape
     ids_N = topk_ids_TK.t().reshape(-1)  # slot-major: every token's first choice, then second...
-    order_N = torch.argsort(ids_N, stable=True)
-    counts_E = torch.bincount(ids_N, minlength=num_experts)
-    starts_E = torch.cumsum(counts_E, 0) - counts_E
-    rank_sorted_N = torch.arange(ids_N.numel(), device=ids_N.device) - starts_E[ids_N[order_N]]
+    sorted_ids_N, order_N = torch.sort(ids_N, stable=True)
+    ends_E = expert_offsets(sorted_ids_N, num_experts)  # no host sync, unlike bincount on CUDA
+    starts_E = torch.cat([ends_E.new_zeros(1), ends_E[:-1]])
+    rank_sorted_N = torch.arange(ids_N.numel(), device=ids_N.device) - starts_E[sorted_ids_N]
     rank_N = torch.empty_like(rank_sorted_N).scatter_(0, order_N, rank_sorted_N)
     return (rank_N < capacity).reshape(K, T).t()
 
@@ -126,52 +129,6 @@ def experts_reference(x_TD, topk_ids_TK, topk_w_TK, w_gate_up_E2FD, w_down_EDF, 
         y_ND = F.linear(_swiglu(gate_NF, up_NF), w_down_EDF[e])
         out_TD.index_add_(0, tok_N, y_ND * topk_w_TK[tok_N, slot_N, None].to(y_ND.dtype))
     return out_TD
-
-
-def grouped_expert_ffn(x_ND, counts_E, w_gate_up_E2FD, w_down_EDF, use_grouped_mm=False):
-    """The expert kernel: rows of ``x_ND`` are sorted by expert, ``counts_E[e]`` rows for expert e.
-
-    Returns each row's SwiGLU expert output (unweighted). Both the single-device fast path and the
-    expert-parallel path (which runs it on the tokens received from other ranks) call this.
-    """
-    if use_grouped_mm:
-        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        h_N2F = F.grouped_mm(x_ND, w_gate_up_E2FD.transpose(-2, -1), offs=offs_E)
-        gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
-        return F.grouped_mm(_swiglu(gate_NF, up_NF).contiguous(), w_down_EDF.transpose(-2, -1), offs=offs_E)
-    outs = []
-    gate_ups, downs = w_gate_up_E2FD.unbind(0), w_down_EDF.unbind(0)
-    for e, x_nD in enumerate(x_ND.split(counts_E.tolist())):
-        if x_nD.shape[0] == 0:
-            continue
-        gate_nF, up_nF = F.linear(x_nD, gate_ups[e]).chunk(2, dim=-1)
-        outs.append(F.linear(_swiglu(gate_nF, up_nF), downs[e]))
-    return torch.cat(outs) if outs else x_ND.new_zeros(0, w_down_EDF.shape[1])
-
-
-def experts_sorted(x_TD, topk_ids_TK, topk_w_TK, w_gate_up_E2FD, w_down_EDF, keep_TK=None, use_grouped_mm=False):
-    """Fast path: sort assignments by expert, run contiguous per-expert matmuls, scatter-add back.
-
-    The stacked weights are split once with ``unbind`` (indexing ``w[e]`` in the loop would make
-    autograd build a full-size gradient per expert). With ``use_grouped_mm`` the per-expert loop
-    becomes one ``grouped_mm`` call with int32 offsets and no host sync.
-    """
-    T, K = topk_ids_TK.shape
-    E = w_gate_up_E2FD.shape[0]
-    ids_N = topk_ids_TK.reshape(-1)
-    w_N = topk_w_TK.reshape(-1)
-    tok_N = torch.arange(T * K, device=x_TD.device) // K
-    if keep_TK is not None:
-        sel_N = keep_TK.reshape(-1).nonzero().squeeze(1)
-        ids_N, w_N, tok_N = ids_N[sel_N], w_N[sel_N], tok_N[sel_N]
-    order_N = torch.argsort(ids_N, stable=True)
-    tok_N = tok_N[order_N]
-    w_N = w_N[order_N]
-    counts_E = torch.bincount(ids_N, minlength=E)
-    x_ND = x_TD.index_select(0, tok_N)
-    y_ND = grouped_expert_ffn(x_ND, counts_E, w_gate_up_E2FD, w_down_EDF, use_grouped_mm)
-    y_ND = y_ND * w_N[:, None].to(y_ND.dtype)
-    return torch.zeros_like(x_TD).index_add_(0, tok_N, y_ND)
 
 
 class Experts(nn.Module):
@@ -218,7 +175,7 @@ class MoE(nn.Module):
             keep_TK = capacity_keep_mask(topk_ids_TK, E, capacity)
         impl = self.impl
         if impl == "auto":
-            impl = "grouped_mm" if x_TD.is_cuda else "sorted"
+            impl = "grouped_mm" if prefers_grouped_mm(x_TD) else "sorted"
         w_gu, w_d = self.experts.w_gate_up, self.experts.w_down
         if self.experts_fn is not None:
             y_TD = self.experts_fn(x_TD, topk_ids_TK, topk_w_TK, keep_TK)
@@ -227,7 +184,8 @@ class MoE(nn.Module):
         else:
             y_TD = experts_sorted(x_TD, topk_ids_TK, topk_w_TK, w_gu, w_d, keep_TK, impl == "grouped_mm")
         with torch.no_grad():
-            counts_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=E).float()
+            ids_N = topk_ids_TK.reshape(-1)  # scatter_add, not bincount: no host sync on CUDA
+            counts_E = torch.zeros(E, device=ids_N.device).scatter_add_(0, ids_N, torch.ones_like(ids_N, dtype=torch.float))
             entropy = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum()
             dropped = (~keep_TK).sum() if keep_TK is not None else torch.zeros((), dtype=torch.long)
         stats = RoutingStats(
