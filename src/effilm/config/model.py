@@ -57,7 +57,7 @@ class MoEConfig:
     capacity_factor: float | None = _f(
         None, "Training only: per-expert capacity = ceil(cf * T * K / E); overflow is dropped. None = dropless."
     )
-    impl: str = _f("auto", f"Expert kernel: one of {EXPERT_IMPLS}. 'auto' = grouped_mm on CUDA, sorted on CPU.")
+    impl: str = _f("auto", f"Expert kernel: one of {EXPERT_IMPLS}. 'auto' = grouped_mm on CUDA and for fp32 on CPU, the sorted loop kernel otherwise.")
 
     def __post_init__(self) -> None:
         _check_pos(self, "num_experts", "top_k", "expert_ffn_dim")
