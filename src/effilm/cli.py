@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "effilm.commands.data",
     "effilm.commands.synth",
     "effilm.commands.evaluate",
+    "effilm.commands.ship",
 ]
 
 
