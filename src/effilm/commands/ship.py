@@ -100,3 +100,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(table)
     print(f"wrote {out} ({json.dumps({k: spec[k] for k in ('bits', 'group_size', 'asym', 'method')})})")
     return 0
+
+
+def add_gguf_arguments(p: argparse.ArgumentParser) -> None:
+    """The GGUF options of ``effilm convert`` (used with ``--to gguf``)."""
+    p.add_argument("--type", dest="gguf_type", choices=["f32", "f16", "q8_0", "q4_0"], default="f16",
+                   help="GGUF tensor type for weight matrices (--to gguf; norms and router stay f32)")  # fmt: skip
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory for --to gguf (default: SRC)")
+    p.add_argument("--no-verify", action="store_true", help="--to gguf: skip reading the file back to check every tensor")
+
+
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    from effilm.checkpoint import load
+    from effilm.errors import EffilmError
+    from effilm.gguf_export import export_gguf, verify_gguf
+
+    src = Path(args.src)
+    tok_dir = Path(args.tokenizer) if args.tokenizer else src
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise EffilmError(f"no tokenizer.json in {tok_dir}: pass --tokenizer DIR (GGUF files carry their vocabulary)")
+    model = load(src)
+    out = export_gguf(model, args.dst, args.gguf_type, tok_dir)
+    msg = f"wrote {out} (gguf, {args.gguf_type}, {out.stat().st_size:,} bytes)"
+    if not args.no_verify:
+        v = verify_gguf(out, model, args.gguf_type)
+        msg += f"; verified {v['tensors']} tensors (arch {v['arch']}, max error {v['max_rel_err']:.2e} of block max)"
+    print(msg)
+    return 0
