@@ -191,3 +191,34 @@ def test_gptq_model_reconstructs_calibration_outputs_better_than_rtn():
 def test_gptq_needs_calibration():
     with pytest.raises(ConfigError, match="calib"):
         quantize_model(_model(), QuantConfig(bits=4, group_size=32, method="gptq"))
+
+
+def test_cli_quantize_writes_checkpoint_and_report(tmp_path, capsys):
+    from effilm.cli import main
+    from effilm.config.data import TokenizerTrainConfig
+    from effilm.tokenizer import train_tokenizer
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    lines = [" ".join(words[(i * j) % 10] for j in range(12)) for i in range(120)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    train_tokenizer([tmp_path / "t.jsonl"], tmp_path / "ckpt", TokenizerTrainConfig(vocab_size=300))
+    save(_model("tiny-dense", n_layers=2), tmp_path / "ckpt_tmp")
+    for f in (tmp_path / "ckpt_tmp").iterdir():
+        f.rename(tmp_path / "ckpt" / f.name)
+    (tmp_path / "calib.txt").write_text("\n".join(lines[:60]))
+    (tmp_path / "eval.txt").write_text("\n".join(lines[60:]))
+    args = ["quantize", str(tmp_path / "ckpt"), "--bits", "4", "--group-size", "32", "--method", "gptq", "--seq-len", "32",
+            "--calib", str(tmp_path / "calib.txt"), "--eval", str(tmp_path / "eval.txt"), "--no-rss", "--out", str(tmp_path / "q")]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "gptq" in out and "rtn" in out and "layers.1" in out
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())["reports"]
+    assert [r["method"] for r in report] == ["rtn", "gptq"]
+    for r in report:
+        assert 0 <= r["greedy_agreement"] <= 1 and r["ppl_quant"] > 1 and len(r["layers"]) == 2
+        assert r["weight_bytes_quant"] < 0.6 * r["weight_bytes_fp32"]  # fp embeddings dominate at 2 layers
+    assert (tmp_path / "q" / "tokenizer.json").is_file()
+    assert isinstance(load(tmp_path / "q").layers[0].mlp.down, QuantLinear)
+    # bad input: gptq without calibration text is a one-line error, not a traceback
+    assert main(["quantize", str(tmp_path / "ckpt"), "--bits", "8", "--method", "gptq", "--out", str(tmp_path / "x")]) == 2
+    assert "--calib" in capsys.readouterr().err and not (tmp_path / "x").exists()
