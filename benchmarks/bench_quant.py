@@ -44,7 +44,7 @@ def train_briefly(model, ids, steps: int, seq_len: int, batch: int, lr: float):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval(), float(loss)
+    return model.eval(), loss.item()
 
 
 def effilm_decode_tps(model, prompt, n: int) -> float:
@@ -91,7 +91,7 @@ def main() -> int:
     from effilm.tokenizer import load_tokenizer, train_tokenizer
 
     torch.set_num_threads(1)
-    steps, eval_tokens, seq = (40, 4096, 128) if args.quick else (300, 16384, 128)
+    steps, eval_tokens, seq = (30, 2048, 128) if args.quick else (300, 16384, 128)
     work = Path(tempfile.mkdtemp(prefix="bench_quant_"))
     (work / "train.jsonl").write_text(json.dumps({"text": corpus("train")}) + "\n")
     train_tokenizer([work / "train.jsonl"], work / "tok", TokenizerTrainConfig(vocab_size=4096, chat_tokens=False, chat_template=""))
