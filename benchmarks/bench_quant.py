@@ -136,7 +136,7 @@ def main() -> int:
             print(f"  {k:38s} {'not installed' if v is None else f'{v:.1f}'}")
         entry["decode_tok_s"] = speed
         results["presets"][preset] = entry
-    atomic_write_json(args.out, results)
+        atomic_write_json(args.out, results)  # after each preset, so a partial run keeps its figures
     print(f"\nwrote {args.out}")
     return 0
 

@@ -85,7 +85,9 @@ model = load(sys.argv[1])
 ids = torch.arange(int(sys.argv[2]))[None] % model.cfg.vocab_size
 with torch.no_grad():
     model(ids)
-print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+# VmHWM is this process's own high-water mark; ru_maxrss would carry the parent's over fork + exec
+hwm = [int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+print(json.dumps({"peak_rss_bytes": hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
