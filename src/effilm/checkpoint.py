@@ -164,7 +164,12 @@ def load(path: str | os.PathLike, device=None, dtype=None, verify: bool = True):
         actual = sha256_file(path / WEIGHTS) if (path / WEIGHTS).is_file() else None
         if actual != meta["checksums"][WEIGHTS]:
             raise CheckpointError(f"{path}/{WEIGHTS}: checksum mismatch (file corrupt or replaced)")
-    model = build_model(cfg, device=device, init=False)
+    if meta.get("quantization"):  # weight-only quantized checkpoint (effilm.quantize)
+        from effilm.quantize import build_quantized
+
+        model = build_quantized(cfg, meta["quantization"], device=device)
+    else:
+        model = build_model(cfg, device=device, init=False)
     load_state_checked(model, load_safetensors_dir(path), str(path))
     if dtype is not None:
         model = model.to(dtype)

@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "effilm.commands.plot",
     "effilm.commands.generate",
     "effilm.commands.serve",
+    "effilm.commands.ship",
 ]
 
 

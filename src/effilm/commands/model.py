@@ -26,14 +26,18 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "convert",
-        help="convert between effilm and Hugging Face formats",
+        help="convert between effilm, Hugging Face and GGUF formats",
         description="Convert a model directory. --to hf writes a directory transformers' AutoModelForCausalLM "
-        "loads; --to effilm writes an effilm checkpoint. SRC may be either format.",
+        "loads; --to effilm writes an effilm checkpoint; --to gguf writes a llama.cpp GGUF file (--type). "
+        "SRC may be effilm or HF.",
     )
     p.add_argument("src", help="source model directory (effilm or HF)")
     p.add_argument("dst", help="destination directory")
-    p.add_argument("--to", choices=["hf", "effilm"], required=True, help="output format")
+    p.add_argument("--to", choices=["hf", "effilm", "gguf"], required=True, help="output format (gguf: DST is a .gguf file)")
     p.add_argument("--arch", default=None, help="HF architecture to write (default: chosen from the layout)")
+    from effilm.commands.ship import add_gguf_arguments
+
+    add_gguf_arguments(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -106,6 +110,10 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import effilm
 
+    if args.to == "gguf":
+        from effilm.commands.ship import cmd_convert_gguf
+
+        return cmd_convert_gguf(args)
     model = effilm.load(args.src)
     if args.to == "hf":
         effilm.save_hf(model, args.dst, arch=args.arch)
