@@ -178,7 +178,7 @@ def _fake_summary(tb: float, web: float, ar: float, se: float = 0.04) -> dict:
         return {"tokens": 1000, "active_params": 100, "total_params": total, "cpu_s": 10.0}
 
     leak = {"planted": [1, 2], "found_items": ["a", "b"], "missed": [], "false_positives": [], "exact": True,
-            "confirm_threshold": 1.0, "at_default_threshold": {"confirm_threshold": 0.5, "false_positives": ["c"]}}
+            "confirm_threshold": 1.0, "window_words": 2, "at_default_threshold": {"confirm_threshold": 0.5, "false_positives": ["c"]}}
     return {"evaluate": {"dense-web": ev(web), "dense-textbook": ev(tb), "arctic-textbook": ev(ar)},
             "train": {"dense-web": tr(100), "dense-textbook": tr(100), "arctic-textbook": tr(400)},
             "synthesize": {"quiz": {"chance": 0.25, "items": 100}, "facts": {"count": 100}},

@@ -39,7 +39,11 @@ class DemoConfig:
     decontam_confirm_threshold: float = field(default=1.0, metadata={
         "help": "matched fraction of a quiz item's text that confirms a hit. The quiz is templated: at the "
                 "Cosmopedia default (0.5) every item sharing a leaked item's template is confirmed too (the "
-                "planted-leak check records that result beside this one), so the demo asks for the whole item"})
+                "planted-leak check records that result beside this one), so the demo asks for the whole item in a narrow window"})
+    decontam_window_words: int = field(default=2, metadata={
+        "help": "words of context either side of the n-gram hits that confirmation compares an item with. With "
+                "the default (the item's length) difflib matches a template-mate's few differing letters "
+                "scattered in the wider window and scores it 1.0"})
     # --- tokenizer and shards
     vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary size (special tokens included)"})
     # --- models (see the module docstring for the equal-active-parameters rule)
@@ -66,7 +70,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_facts", "textbook_records", "web_records", "heldout_records", "quiz_questions_per_fact",
-                     "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "num_experts", "seq_len",
+                     "decontam_window_words", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "num_experts", "seq_len",
                      "global_batch", "train_tokens", "val_sequences", "log_every", "threads", "eval_batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

@@ -138,7 +138,7 @@ def plant_leaks(cfg: DemoConfig, quiz, corpus: Path, out: Path) -> tuple[Path, l
 def decontam_config(cfg: DemoConfig):
     from effilm.decontam import DecontamConfig
 
-    return DecontamConfig(confirm_threshold=cfg.decontam_confirm_threshold)
+    return DecontamConfig(confirm_threshold=cfg.decontam_confirm_threshold, window_words=cfg.decontam_window_words)
 
 
 def _found(rep: dict, planted: list[dict]) -> dict:
@@ -146,7 +146,7 @@ def _found(rep: dict, planted: list[dict]) -> dict:
     found_docs = {str(d["doc"]) for d in rep["documents"] if d["confirmed"]}
     want_items = {p["item"] for p in planted}
     want_docs = {str(p["doc"]) for p in planted}
-    return {"confirm_threshold": rep["config"]["confirm_threshold"],
+    return {"confirm_threshold": rep["config"]["confirm_threshold"], "window_words": rep["config"]["window_words"],
             "found_items": sorted(found_items), "found_documents": sorted(found_docs),
             "missed": sorted(want_items - found_items), "false_positives": sorted(found_items - want_items),
             "exact": found_items == want_items and found_docs == want_docs}
