@@ -172,7 +172,7 @@ def test_run_configs_equal_tokens_and_shapes(tmp_path):
 def _fake_summary(tb: float, web: float, ar: float, se: float = 0.04) -> dict:
     def ev(acc):
         return {"cloze": {"acc": acc, "stderr": se}, "letter": {"acc": 0.25, "stderr": se},
-                "bits_per_byte": {"heldout_textbook": 2.0 - acc}}
+                "bits_per_byte": {"heldout_textbook": 2.0 - acc}, "predicted_letters": {"A": 90, "B": 10}}
 
     def tr(total):
         return {"tokens": 1000, "active_params": 100, "total_params": total, "cpu_s": 10.0}
@@ -191,10 +191,12 @@ def test_notes_report_either_way():
     assert up["textbook_vs_web"]["shows"] and " beat the web-only" in up["textbook_vs_web"]["text"]
     assert up["moe_vs_dense"]["shows"] and "MoE ahead" in up["moe_vs_dense"]["text"]
     assert up["cloze_vs_chance"]["shows"] and "met on this seed" in up["cloze_vs_chance"]["text"]
-    assert not up["letter_scoring"]["shows"]
+    assert not up["letter_scoring"]["shows"] and "within noise of chance" in up["letter_scoring"]["text"]
+    assert "takes 90.0%, 90.0%, 90.0%" in up["letter_scoring"]["text"]
     down = {n["topic"]: n for n in build_notes(_fake_summary(0.3, 0.8, 0.28), 2.0, 0.5)}
     assert not down["textbook_vs_web"]["shows"] and "did not beat" in down["textbook_vs_web"]["text"]
     assert not down["moe_vs_dense"]["shows"] and "dense ahead" in down["moe_vs_dense"]["text"]
+    assert "did not clearly differ" in down["moe_vs_dense"]["text"]
     assert not down["cloze_vs_chance"]["shows"] and "not met" in down["cloze_vs_chance"]["text"]
     close = {n["topic"]: n for n in build_notes(_fake_summary(0.62, 0.6, 0.63), 2.0, 0.5)}
     assert not close["textbook_vs_web"]["shows"] and "within noise" in close["textbook_vs_web"]["text"]

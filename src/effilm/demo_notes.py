@@ -56,18 +56,25 @@ def build_notes(summary: dict, z: float, cloze_target: float) -> list[dict]:
     note("moe_vs_dense", sig and d > 0,
          f"At equal active parameters ({ta['active_params']:,} vs {td['active_params']:,}) and equal tokens, the "
          f"Arctic hybrid with {ta['total_params']:,} parameters in total ({ta['total_params'] / td['total_params']:.1f}x "
-         f"the dense model) {'beat' if d > 0 and sig else 'did not clearly beat'} the dense model: cloze "
+         f"the dense model) {'beat' if d > 0 and sig else 'did worse than' if sig else 'did not clearly differ from'} "
+         f"the dense model: cloze "
          f"{_pct(ar['cloze']['acc'])} vs {_pct(de['cloze']['acc'])}, held-out textbook bits per byte {bpb_a:.3f} vs "
          f"{bpb_d:.3f} ({'lower is better: MoE ahead' if bpb_a < bpb_d else 'lower is better: dense ahead'}). "
          f"It cost {ta['cpu_s'] / max(td['cpu_s'], 1e-9):.2f}x the dense model's CPU time to train here.")
 
     letters = [ev[m]["letter"]["acc"] for m in ev]
     near = all(abs(a - chance) <= z * (ev[m]["letter"]["stderr"] or 0.0) + 1e-12 for a, m in zip(letters, ev))
+    top = [max(ev[m]["predicted_letters"].values()) / max(sum(ev[m]["predicted_letters"].values()), 1) for m in ev]
+    if near:
+        verdict = (f"all within noise of chance ({_pct(chance)}): models this small have not learned to map an answer "
+                   "to its letter, which is why cloze scoring (the answer text itself) is the measure at this scale")
+    else:
+        verdict = (f"not all within noise of chance ({_pct(chance)}): some letter-to-answer mapping is being learned, "
+                   "though cloze scoring remains the measure at this scale")
     note("letter_scoring", not near,
-         f"Letter scoring (A-D, the harness's MMLU method) gives {', '.join(_pct(a) for a in letters)} for the three "
-         f"models, {'all within noise of' if near else 'not all at'} chance ({_pct(chance)}): models this small have "
-         "not learned to map an answer to its letter and tend to pick the same letter every time, which is why cloze "
-         "scoring (the answer text itself) is the meaningful measure at this scale.")
+         f"Letter scoring (A-D, the harness's MMLU method) gives {', '.join(_pct(a) for a in letters)} for "
+         f"{', '.join(ev)}, {verdict}. The most-picked letter takes {', '.join(_pct(t) for t in top)} of each "
+         "model's answers (25% would be no preference).")
 
     pl = summary["clean"]["planted_leak_check"]
     note("decontamination", pl["exact"],

@@ -112,7 +112,6 @@ def evaluate_models(cfg: DemoConfig, synth: dict, cleaned: dict, trained: dict, 
             if scoring == "cloze":
                 entry["cloze_norm"] = _accuracy(q, "acc_norm")
                 entry["bits_per_byte"] = {t["name"]: t["perplexity"]["bits_per_byte"] for t in rep["tasks"][1:]}
-                entry["predicted_letters"] = None
             else:
                 preds = [r["prediction"] for r in q["items"]]
                 entry["predicted_letters"] = {"ABCD"[i]: preds.count(i) for i in range(len(quiz.items[0].choices))}
