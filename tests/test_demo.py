@@ -191,13 +191,20 @@ def test_notes_report_either_way():
     assert up["textbook_vs_web"]["shows"] and " beat the web-only" in up["textbook_vs_web"]["text"]
     assert up["moe_vs_dense"]["shows"] and "MoE ahead" in up["moe_vs_dense"]["text"]
     assert up["cloze_vs_chance"]["shows"] and "met on this seed" in up["cloze_vs_chance"]["text"]
-    assert not up["letter_scoring"]["shows"] and "within noise of chance" in up["letter_scoring"]["text"]
+    assert not up["letter_scoring"]["shows"] and "none clearly above chance" in up["letter_scoring"]["text"]
     assert "takes 90.0%, 90.0%, 90.0%" in up["letter_scoring"]["text"]
     down = {n["topic"]: n for n in build_notes(_fake_summary(0.3, 0.8, 0.28), 2.0, 0.5)}
     assert not down["textbook_vs_web"]["shows"] and "did not beat" in down["textbook_vs_web"]["text"]
     assert not down["moe_vs_dense"]["shows"] and "dense ahead" in down["moe_vs_dense"]["text"]
     assert "did not clearly differ" in down["moe_vs_dense"]["text"]
     assert not down["cloze_vs_chance"]["shows"] and "not met" in down["cloze_vs_chance"]["text"]
+    below = _fake_summary(0.8, 0.3, 0.95)
+    below["evaluate"]["arctic-textbook"]["letter"]["acc"] = 0.05  # far below chance is not "learned letters"
+    assert not {n["topic"]: n for n in build_notes(below, 2.0, 0.5)}["letter_scoring"]["shows"]
+    above = _fake_summary(0.8, 0.3, 0.95)
+    above["evaluate"]["dense-web"]["letter"]["acc"] = 0.6
+    text = {n["topic"]: n for n in build_notes(above, 2.0, 0.5)}["letter_scoring"]
+    assert text["shows"] and "clearly above chance (25.0%) for dense-web" in text["text"]
     close = {n["topic"]: n for n in build_notes(_fake_summary(0.62, 0.6, 0.63), 2.0, 0.5)}
     assert not close["textbook_vs_web"]["shows"] and "within noise" in close["textbook_vs_web"]["text"]
 

@@ -63,15 +63,15 @@ def build_notes(summary: dict, z: float, cloze_target: float) -> list[dict]:
          f"It cost {ta['cpu_s'] / max(td['cpu_s'], 1e-9):.2f}x the dense model's CPU time to train here.")
 
     letters = [ev[m]["letter"]["acc"] for m in ev]
-    near = all(abs(a - chance) <= z * (ev[m]["letter"]["stderr"] or 0.0) + 1e-12 for a, m in zip(letters, ev))
+    above = [m for a, m in zip(letters, ev) if a - chance > z * (ev[m]["letter"]["stderr"] or 0.0)]
     top = [max(ev[m]["predicted_letters"].values()) / max(sum(ev[m]["predicted_letters"].values()), 1) for m in ev]
-    if near:
-        verdict = (f"all within noise of chance ({_pct(chance)}): models this small have not learned to map an answer "
+    if not above:
+        verdict = (f"none clearly above chance ({_pct(chance)}): models this small have not learned to map an answer "
                    "to its letter, which is why cloze scoring (the answer text itself) is the measure at this scale")
     else:
-        verdict = (f"not all within noise of chance ({_pct(chance)}): some letter-to-answer mapping is being learned, "
-                   "though cloze scoring remains the measure at this scale")
-    note("letter_scoring", not near,
+        verdict = (f"clearly above chance ({_pct(chance)}) for {', '.join(above)}: some letter-to-answer mapping is "
+                   "being learned, though cloze scoring remains the measure at this scale")
+    note("letter_scoring", bool(above),
          f"Letter scoring (A-D, the harness's MMLU method) gives {', '.join(_pct(a) for a in letters)} for "
          f"{', '.join(ev)}, {verdict}. The most-picked letter takes {', '.join(_pct(t) for t in top)} of each "
          "model's answers (25% would be no preference).")
