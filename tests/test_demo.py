@@ -193,6 +193,10 @@ def test_notes_report_either_way():
     assert up["cloze_vs_chance"]["shows"] and "met on this seed" in up["cloze_vs_chance"]["text"]
     assert not up["letter_scoring"]["shows"] and "none clearly above chance" in up["letter_scoring"]["text"]
     assert "takes 90.0%, 90.0%, 90.0%" in up["letter_scoring"]["text"]
+    assert "answer one letter at least 90% of the time" in up["letter_scoring"]["text"]
+    skewed = _fake_summary(0.8, 0.3, 0.95)
+    skewed["evaluate"]["dense-web"]["letter"]["acc"] = 0.6  # one letter 90% of the time, and the key favours it
+    assert not {n["topic"]: n for n in build_notes(skewed, 2.0, 0.5)}["letter_scoring"]["shows"]
     down = {n["topic"]: n for n in build_notes(_fake_summary(0.3, 0.8, 0.28), 2.0, 0.5)}
     assert not down["textbook_vs_web"]["shows"] and "did not beat" in down["textbook_vs_web"]["text"]
     assert not down["moe_vs_dense"]["shows"] and "dense ahead" in down["moe_vs_dense"]["text"]
@@ -203,6 +207,7 @@ def test_notes_report_either_way():
     assert not {n["topic"]: n for n in build_notes(below, 2.0, 0.5)}["letter_scoring"]["shows"]
     above = _fake_summary(0.8, 0.3, 0.95)
     above["evaluate"]["dense-web"]["letter"]["acc"] = 0.6
+    above["evaluate"]["dense-web"]["predicted_letters"] = {"A": 30, "B": 25, "C": 25, "D": 20}
     text = {n["topic"]: n for n in build_notes(above, 2.0, 0.5)}["letter_scoring"]
     assert text["shows"] and "clearly above chance (25.0%) for dense-web" in text["text"]
     close = {n["topic"]: n for n in build_notes(_fake_summary(0.62, 0.6, 0.63), 2.0, 0.5)}

@@ -15,8 +15,9 @@ Stages (each prints its progress and its wall and CPU time):
    hybrid in the same two stages, same active parameters, many more in total);
 5. **evaluate**: quiz accuracy by letter and cloze scoring against chance, bits per byte on the
    held-out text, and the contamination status of each model's training data beside its scores;
-6. **ship** and **report**: hooks (:func:`ship`, :func:`report`) that run when the modules they
-   need exist and otherwise print a visible "not available" line; no result is ever faked.
+6. **ship**: the best model quantized to int8 and int4 (RTN, and GPTQ in the full demo) with the
+   quality delta, exported to HF and GGUF, and answering quiz questions greedy and sampled;
+7. **report**: ``DIR/report.html`` (self-contained) and ``DIR/report.md`` with the plots.
 
 ``DIR/summary.json`` (schema version ``SCHEMA_VERSION``)::
 
@@ -50,8 +51,12 @@ Stages (each prints its progress and its wall and CPU time):
                            "predicted_letters": {letter: count}, "bits_per_byte": {heldout_textbook, heldout_web},
                            "contamination": {"contaminated", "items", "contaminated_ids", "clean_acc"},
                            "reports": {scoring: eval report path}}},
-      "ship": {"status": "not available" | ..., "missing": [module]},
-      "report": {"status": "not available" | "written", "missing": [module], ...},
+      "ship": {"status": "done", "model", "source", "fp32": {"weight_bytes", "ppl", "cloze_acc"},
+               "quantized": [effilm.quant_report.build_report(...) + {"variant", "path", "cloze_acc",
+                                                                       "cloze_acc_fp32", "max_layer_error"}],
+               "exports": {"hf", "gguf", "gguf_bytes", "gguf_check"},
+               "generations": [{"question", "answer", "greedy", "sampled"}], "sampling": {...}},
+      "report": {"status": "written", "html", "markdown", "missing": []},
       "notes": [{"topic", "shows": bool | null, "text"}]         # see effilm.demo_notes
     }
 
@@ -101,31 +106,29 @@ def stage(name: str, timings: dict):
 
 
 # ----------------------------------------------------------------------------- hooks (filled by the lead)
-def ship(summary: dict, out_dir: Path) -> dict:
-    """HOOK (ship): quantize the better model to int8/int4 with the quality delta, export it to HF
-    and GGUF, and generate a few answers, greedy and sampled. Skipped while its modules are absent."""
+def ship(summary: dict, out_dir: Path, cfg: DemoConfig, quick: bool) -> dict:
+    """Quantize the best model to int8/int4 with the quality delta, export it to HF and GGUF, and
+    generate a few answers, greedy and sampled (:mod:`effilm.demo_ship`)."""
     missing = missing_modules(SHIP_MODULES)
     if missing:
         print(f"ship: not available (missing {', '.join(missing)})")
         return {"status": "not available", "missing": missing}
-    # LEAD: once effilm.quantize, effilm.gguf_export and effilm.engine are merged, replace this line
-    # with the single call that ships ``best_model(summary)`` into ``out_dir / "ship"``.
-    print("ship: modules present but the demo's ship call is not wired yet")
-    return {"status": "not wired", "missing": [], "model": best_model(summary)}
+    from effilm.demo_ship import ship_model
+
+    return ship_model(summary, out_dir, cfg, best_model(summary), quick)
 
 
 def report(summary: dict, out_dir: Path) -> dict:
-    """HOOK (report): ``effilm.report.write_report(summary, out_dir)`` writes report.html/.md with
-    the plots. Skipped with a visible line while effilm.report / effilm.plots are absent."""
+    """``DIR/report.html`` and ``DIR/report.md`` with the plots (:mod:`effilm.demo_report`)."""
     missing = missing_modules(REPORT_MODULES)
     if missing:
         print(f"report: not available (missing {', '.join(missing)})")
         return {"status": "not available", "missing": missing}
-    from effilm.report import write_report
+    from effilm.demo_report import write_demo_report
 
-    written = write_report(summary, out_dir)
-    print(f"report: written to {out_dir}")
-    return {"status": "written", "missing": [], "written": str(written) if written is not None else None}
+    html, md = write_demo_report(summary, out_dir)
+    print(f"report: {html} and {md}")
+    return {"status": "written", "missing": [], "html": str(html), "markdown": str(md)}
 
 
 def best_model(summary: dict) -> str:
@@ -177,7 +180,7 @@ def run_pipeline(cfg: DemoConfig, out_dir: Path, quick: bool = False) -> dict:
         summary["evaluate"] = evaluate_models(cfg, s, c, summary["train"], out_dir / "eval")
     summary["notes"] = build_notes(summary, cfg.significance_z, cfg.cloze_target)
     with stage("ship", timings):
-        summary["ship"] = ship(summary, out_dir)
+        summary["ship"] = ship(summary, out_dir, cfg, quick)
     timings["total"] = {"wall_s": round(time.perf_counter() - w0, 2), "cpu_s": round(time.process_time() - c0, 2)}
     atomic_write_json(out_dir / "summary.json", summary)  # the report reads a complete summary
     with stage("report", timings):

@@ -63,14 +63,22 @@ def build_notes(summary: dict, z: float, cloze_target: float) -> list[dict]:
          f"It cost {ta['cpu_s'] / max(td['cpu_s'], 1e-9):.2f}x the dense model's CPU time to train here.")
 
     letters = [ev[m]["letter"]["acc"] for m in ev]
-    above = [m for a, m in zip(letters, ev) if a - chance > z * (ev[m]["letter"]["stderr"] or 0.0)]
     top = [max(ev[m]["predicted_letters"].values()) / max(sum(ev[m]["predicted_letters"].values()), 1) for m in ev]
+    # a model that answers one letter almost always scores that letter's share of the quiz's answer
+    # key: above chance by the key's imbalance, not by knowledge
+    fixed = [m for t, m in zip(top, ev) if t >= 0.9]
+    above = [m for a, m in zip(letters, ev)
+             if a - chance > z * (ev[m]["letter"]["stderr"] or 0.0) and m not in fixed]
     if not above:
-        verdict = (f"none clearly above chance ({_pct(chance)}): models this small have not learned to map an answer "
-                   "to its letter, which is why cloze scoring (the answer text itself) is the measure at this scale")
+        verdict = (f"none clearly above chance ({_pct(chance)}) on merit: models this small have not learned to map "
+                   "an answer to its letter, which is why cloze scoring (the answer text itself) is the measure at "
+                   "this scale")
     else:
         verdict = (f"clearly above chance ({_pct(chance)}) for {', '.join(above)}: some letter-to-answer mapping is "
                    "being learned, though cloze scoring remains the measure at this scale")
+    if fixed:
+        verdict += (f"; {', '.join(fixed)} answer one letter at least 90% of the time, so their letter score is just "
+                    "how often that letter is the key")
     note("letter_scoring", bool(above),
          f"Letter scoring (A-D, the harness's MMLU method) gives {', '.join(_pct(a) for a in letters)} for "
          f"{', '.join(ev)}, {verdict}. The most-picked letter takes {', '.join(_pct(t) for t in top)} of each "
