@@ -32,7 +32,9 @@ def small(kind: str, **kw):
     if kind == "moe":
         over.update(layer_pattern="M", moe=SMALL_MOE)
     elif kind == "arctic":
-        over.update(layer_pattern="H", ffn_dim=64, residual_ffn_dim=64, moe=SMALL_MOE)
+        # llama.cpp's arctic graph assumes heads x head_dim == hidden size (true of the real Arctic)
+        over.update(layer_pattern="H", ffn_dim=64, residual_ffn_dim=64, moe=SMALL_MOE,
+                    head_dim=SMALL["d_model"] // SMALL["n_heads"])
     return build_model(ModelConfig.from_name("tiny-dense", **over), seed=0).eval()
 
 
@@ -128,7 +130,8 @@ def test_rotary_permutation_gives_the_same_attention_scores():
 @pytest.mark.parametrize(
     "over,match",
     [(dict(norm="layernorm"), "RMSNorm"), (dict(qk_norm=True), "qk_norm"), (dict(attn_bias=True), "attn_bias"),
-     (dict(sliding_window=16), "sliding_window"), (dict(layer_pattern="DM", moe=SMALL_MOE), "mixed")],
+     (dict(sliding_window=16), "sliding_window"), (dict(layer_pattern="DM", moe=SMALL_MOE), "mixed"),
+     (dict(layer_pattern="H", ffn_dim=64, residual_ffn_dim=64, moe=SMALL_MOE, head_dim=32), "head_dim != d_model")],
 )  # fmt: skip
 def test_unsupported_models_fail_clearly(tmp_path, over, match):
     model = small("dense", **over)
@@ -160,13 +163,15 @@ def _effilm_greedy(model, prompt, n):
     return ids[len(prompt) :]
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("kind", ["dense", "moe", "arctic"])
 def test_llama_cpp_greedy_matches_effilm(tmp_path, tok_dir, kind):
     """The real consumer: llama.cpp (llama-cpp-python) loads the f32 export and decodes greedily."""
     llama_cpp = pytest.importorskip("llama_cpp")
     model = small(kind, init_std=0.1)  # a sharper random model, so arg-max ties do not decide the test
     path = export_gguf(model, tmp_path / "m.gguf", "f32", tok_dir)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    # f32 KV cache (llama.cpp keeps it in f16 by default), so the f32 export is compared at f32
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     prompt = [5, 17, 42, 99, 3, 250]
     llm.eval(prompt)
     with torch.no_grad():

@@ -59,6 +59,8 @@ def choose_arch(cfg) -> str:
     kind = next(iter(kinds))
     if kind == "H" and any(s.ffn_dim != cfg.d_model for s in cfg.layers):
         problems.append("Arctic residual MLP width != d_model (llama.cpp's arctic requires equal)")
+    if kind == "H" and cfg.n_heads * (cfg.head_dim or cfg.d_model // cfg.n_heads) != cfg.d_model:
+        problems.append("Arctic with n_heads x head_dim != d_model (llama.cpp's arctic graph assumes equal)")
     if problems:
         raise EffilmError("cannot export to GGUF: " + "; ".join(problems))
     return "arctic" if kind == "H" else "llama"
