@@ -14,19 +14,10 @@ from effilm.config.data import DataConfig, SourceConfig, StageConfig, TokenizeCo
 from effilm.data import StagedLoader, TokenDataset, block_causal_mask, pack_documents, tokenize_files
 from effilm.errors import ConfigError, EffilmError
 from effilm.tokenizer import train_tokenizer
+from train_fixtures import docs as _docs
+from train_fixtures import write_jsonl as _jsonl
 
-WORDS = "alpha beta gamma delta river stone tree cloud fox dog cat mat quick brown lazy".split()
 SEQ = 16
-
-
-def _docs(n: int, seed: int, tag: str) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [f"{tag}{i} " + " ".join(rng.choice(WORDS, size=int(rng.integers(2, 30)))) for i in range(n)]
-
-
-def _jsonl(path: Path, docs: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
