@@ -266,6 +266,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool | None = None) ->
             log.truncate_after(step)
             log.write({"kind": "event", "step": step, "tokens": tokens, "event": "resume", "from": str(path)})
         elif dist.is_main:
+            if resume:
+                print(f"--resume: no valid checkpoint in {run_dir / 'checkpoints'}; starting from step 0", file=sys.stderr)
             log.reset()
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
