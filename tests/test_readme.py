@@ -100,3 +100,14 @@ def test_readme_tour_runs_as_written(tmp_path):
     assert (tmp_path / "eval.json").is_file() and (tmp_path / "tour.gguf").is_file()
     assert (tmp_path / "tour-int4/config.json").is_file() and (tmp_path / "tour-hf/config.json").is_file()
     assert (tmp_path / "runs/tour-moe/final/model.safetensors").is_file()
+    # the Python example, after the tour (it trains on the tour's shards); input_ids is the one name
+    # the README leaves to the reader
+    import shutil
+
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    (code,) = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    script = "import torch\ninput_ids = torch.randint(0, 1000, (1, 8))\n" + code
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "runs/api/final/model.safetensors").is_file() and "Completion(" in out.stdout
