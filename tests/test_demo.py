@@ -216,6 +216,7 @@ def test_notes_report_either_way():
 
 # ----- the quality target: three seeds of the full demo ------------------------------------
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # three full demos, about 5 minutes each
 def test_full_demo_textbook_cloze_target_over_three_seeds(tmp_path):
     torch.set_num_threads(1)
     accs = []
