@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effilm.config.model import LayerShape, ModelConfig, longrope_mscale
-from effilm.moe import MoE, RoutingStats, load_balancing_loss, z_loss
+from effilm.moe import MoE, RoutingStats, moe_losses
 
 
 # ----- norms ---------------------------------------------------------------------------------
@@ -258,12 +258,7 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         out = ModelOutput(logits=logits, routing=routing)
         if routing:
-            m = self.cfg.moe
-            out.aux_loss = torch.stack(
-                [load_balancing_loss(s.counts_E, s.prob_sum_E, s.n_tokens, s.top_k, m.aux_loss_convention) for s in routing]
-            ).mean()
-            out.z_loss = torch.stack([z_loss(s) for s in routing]).mean()
-            out.moe_loss = m.aux_loss_coef * out.aux_loss + m.z_loss_coef * out.z_loss
+            out.aux_loss, out.z_loss, out.moe_loss = moe_losses(routing, self.cfg.moe)
         return out
 
     def _mask(self, B, T, start, positions, attention_mask, doc_ids, device):

@@ -62,6 +62,16 @@ def z_loss(stats: RoutingStats) -> torch.Tensor:
     return stats.z_sum / max(stats.n_tokens, 1)
 
 
+def moe_losses(stats_list: list[RoutingStats], cfg: MoEConfig):
+    """(aux_loss, z_loss, moe_loss) over MoE layers: the means over layers of each layer's
+    load-balancing and z-loss, and ``moe_loss = aux_loss_coef * aux + z_loss_coef * z``."""
+    aux = torch.stack(
+        [load_balancing_loss(s.counts_E, s.prob_sum_E, s.n_tokens, s.top_k, cfg.aux_loss_convention) for s in stats_list]
+    ).mean()
+    z = torch.stack([z_loss(s) for s in stats_list]).mean()
+    return aux, z, cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+
+
 # ----- routing ------------------------------------------------------------------------------
 def route_softmax_topk(logits_TE: torch.Tensor, top_k: int, renormalize: bool):
     probs_TE = logits_TE.softmax(dim=-1)

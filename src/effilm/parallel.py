@@ -38,6 +38,7 @@ from torch import nn
 
 from effilm.errors import CheckpointError, ConfigError
 from effilm.expert_parallel import apply_expert_parallel, expert_slice, moe_layers  # noqa: F401 (re-export)
+from effilm.moe import moe_losses  # noqa: F401 (re-export: the losses from all-reduced stats)
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 CLIP_EPS = 1e-6  # added to the gradient norm before dividing, as torch.nn.utils.clip_grad_norm_
@@ -357,18 +358,6 @@ def all_reduce_routing_stats(stats_list: list, dist: Dist) -> list:
             )
         )  # fmt: skip
     return out
-
-
-def moe_losses(stats_list: list, moe_cfg):
-    """(aux_loss, z_loss, moe_loss) from routing stats, as ``Transformer.forward`` computes them:
-    means over layers, ``moe_loss = aux_loss_coef * aux + z_loss_coef * z``."""
-    from effilm.moe import load_balancing_loss, z_loss
-
-    aux = torch.stack(
-        [load_balancing_loss(s.counts_E, s.prob_sum_E, s.n_tokens, s.top_k, moe_cfg.aux_loss_convention) for s in stats_list]
-    ).mean()
-    z = torch.stack([z_loss(s) for s in stats_list]).mean()
-    return aux, z, moe_cfg.aux_loss_coef * aux + moe_cfg.z_loss_coef * z
 
 
 # ----- gradient clipping ---------------------------------------------------------------------

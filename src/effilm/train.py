@@ -121,8 +121,7 @@ def micro_loss(model, batch, device, amp, global_tokens: int, share: float, worl
     tokens = batch.tokens.to(device, non_blocking=True)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     doc_ids = batch.doc_ids.to(device)[:, :-1] if batch.doc_ids is not None else None
-    ctx = torch.autocast(device.type, dtype=amp) if amp is not None else _null()
-    with ctx:
+    with _autocast(device, amp):
         out = model(inputs, doc_ids=doc_ids)
     logits = out.logits.float()
     ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
@@ -149,12 +148,13 @@ def model_cfg(model):
     return inner.cfg
 
 
-class _null:
-    def __enter__(self):
-        return None
+def _autocast(device, amp):
+    """bf16 autocast when ``amp`` is set, else nothing."""
+    import contextlib
 
-    def __exit__(self, *a):
-        return False
+    import torch
+
+    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
 
 def _get_dist():
@@ -203,8 +203,7 @@ def validate(model, val_batches: dict, device, amp, dist) -> dict[str, float]:
             for b in batches:
                 tokens = b.tokens.to(device)
                 doc_ids = b.doc_ids.to(device)[:, :-1] if b.doc_ids is not None else None
-                ctx = torch.autocast(device.type, dtype=amp) if amp is not None else _null()
-                with ctx:
+                with _autocast(device, amp):
                     logits = model(tokens[:, :-1], doc_ids=doc_ids).logits.float()
                 ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="sum")
                 acc += torch.stack([ce.double(), acc.new_tensor(float(tokens[:, 1:].numel()))])
