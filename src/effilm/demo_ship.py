@@ -15,13 +15,11 @@ It returns the ``ship`` section of ``summary.json``.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from effilm.demo_config import DemoConfig
 from effilm.io import atomic_write_json
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": 0}
 
 
@@ -63,7 +61,7 @@ def ship_model(summary: dict, out_dir: Path, cfg: DemoConfig, model_name: str, q
     from effilm.quant_report import build_report
     from effilm.quantize import quantize_model, save_quantized
     from effilm.tasks import load_task
-    from effilm.tokenizer import load_tokenizer
+    from effilm.tokenizer import copy_tokenizer_files, load_tokenizer
 
     torch.set_num_threads(cfg.threads)
     final = Path(summary["train"][model_name]["final_dir"])
@@ -83,9 +81,7 @@ def ship_model(summary: dict, out_dir: Path, cfg: DemoConfig, model_name: str, q
         q, spec = quantize_model(q, qcfg, calib_ids if qcfg.method == "gptq" else None)
         path = ship_dir / label
         save_quantized(q, spec, path)
-        for f in TOKENIZER_FILES:
-            if (final / f).is_file():
-                shutil.copy2(final / f, path / f)
+        copy_tokenizer_files(final, path)
         rep = build_report(fp, q, spec, eval_ids)
         rep.update(variant=label, path=str(path), cloze_acc=_cloze_acc(load(path), tokenizer, quiz, cfg),
                    cloze_acc_fp32=fp_acc, max_layer_error=max(x["max_abs_err"] for x in rep["layers"]))
@@ -96,9 +92,7 @@ def ship_model(summary: dict, out_dir: Path, cfg: DemoConfig, model_name: str, q
                       "ppl": result["quantized"][0]["ppl_fp32"], "cloze_acc": fp_acc}
 
     hf_dir = save_hf(fp, ship_dir / "hf")
-    for f in TOKENIZER_FILES:
-        if (final / f).is_file():
-            shutil.copy2(final / f, hf_dir / f)
+    copy_tokenizer_files(final, hf_dir)
     gguf_path = export_gguf(fp, ship_dir / "model-q8_0.gguf", "q8_0", tokenizer_dir=final, name=model_name)
     check = verify_gguf(gguf_path, fp, "q8_0")
     result["exports"] = {"hf": str(hf_dir), "gguf": str(gguf_path), "gguf_bytes": gguf_path.stat().st_size,

@@ -28,6 +28,19 @@ _BOS_FALLBACKS = ("<s>", "<bos>", "<|begin_of_text|>")
 _PAD_FALLBACKS = ("<|pad|>", "<pad>", "[PAD]")
 
 
+# The files that make a tokenizer directory (effilm's own and HF's), copied beside a model.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def copy_tokenizer_files(src, dst) -> None:
+    """Copy whichever of TOKENIZER_FILES ``src`` holds into ``dst``."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+
+
 def train_tokenizer(inputs, out, cfg: TokenizerTrainConfig | None = None) -> Path:
     """Train a byte-level BPE on ``inputs`` (files, directories or globs) and save it to ``out``."""
     from tokenizers import Tokenizer as HFTokenizer

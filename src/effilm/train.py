@@ -478,15 +478,11 @@ def _load_optimizer(optimizer, wrapped, model, named, dist) -> None:
 
 def _save_final(final_dir, state, cfg: RunConfig, run_dict, step) -> None:
     """The trained model as a plain effilm checkpoint, with the tokenizer beside it when known."""
-    import shutil
-
     from effilm.checkpoint import write_model_files
     from effilm.io import atomic_dir
+    from effilm.tokenizer import copy_tokenizer_files
 
     with atomic_dir(final_dir) as tmp:
         write_model_files(tmp, state, cfg.model, extra={"run": run_dict, "step": step})
         if cfg.tokenizer:
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-                src = Path(cfg.tokenizer) / name
-                if src.is_file():
-                    shutil.copy2(src, tmp / name)
+            copy_tokenizer_files(cfg.tokenizer, tmp)

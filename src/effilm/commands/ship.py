@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def register(sub) -> None:
@@ -63,7 +60,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from effilm.io import atomic_dir
     from effilm.quant_report import build_report, format_report
     from effilm.quantize import QuantConfig, quantize_model
-    from effilm.tokenizer import load_tokenizer
+    from effilm.tokenizer import copy_tokenizer_files, load_tokenizer
 
     cfg = QuantConfig(bits=args.bits, group_size=args.group_size, asym=args.asym, method=args.method,
                       calib_seq_len=args.seq_len)  # fmt: skip
@@ -82,9 +79,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     with atomic_dir(out) as tmp:
         write_checkpoint_files(tmp, q, extra={"quantization": spec})
-        for name in TOKENIZER_FILES:
-            if (tok_dir / name).is_file():
-                shutil.copy2(tok_dir / name, tmp / name)
+        copy_tokenizer_files(tok_dir, tmp)
     reports = []
     if cfg.method != "rtn":  # the baseline, on the same report
         rtn_cfg = QuantConfig(**{**cfg.to_dict(), "method": "rtn"})
