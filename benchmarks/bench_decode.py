@@ -7,15 +7,20 @@ random weights, exported with ``effilm.save_hf`` so both libraries load the same
 
 1. single sequence: time to first token (a 1-token generation: prefill plus one sample) and decode
    tokens/s (the tokens after the first, over the time after the first), greedy, EOS disabled so
-   every run makes exactly ``--new-tokens`` tokens. effilm and transformers runs are interleaved and
-   the median of ``--repeats`` is reported;
+   every run makes exactly ``--new-tokens`` tokens. The arms are effilm fp32, effilm int8 (RTN,
+   per-channel, ``effilm.quantize``), transformers fp32, and, when llama_cpp is importable,
+   llama.cpp on the model's GGUF export (f32 and q8_0, with a tokenizer trained here so llama.cpp
+   loads it). Runs are interleaved and the median of ``--repeats`` is reported; every "vs HF"
+   ratio is against transformers fp32 on the same model in the same run;
 2. batched throughput at batch 1, 8 and 32 (generated tokens / wall time, prompts of different
-   lengths, left-padded), for both.
+   lengths, left-padded), for effilm fp32 / int8 and transformers (llama-cpp-python's API runs one
+   sequence at a time, so llama.cpp has no batched rows).
 
 ``--model DIR`` benchmarks any model directory instead (an effilm checkpoint, an HF directory, or
 whatever ``effilm.checkpoint.load`` reads, quantized checkpoints included): transformers runs on
 it when it is an HF directory or when ``effilm.save_hf`` can export it, else its rows are skipped.
-Repeat ``--model`` for several rows (e.g. fp32 and int8).
+Repeat ``--model`` for several rows (e.g. fp32 and int8). ``--no-int8`` / ``--no-llama-cpp`` drop
+those arms.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from pathlib import Path
 
 def _tiny_models(root: Path, hidden: int, layers: int, vocab: int) -> list[tuple[str, Path]]:
     """The default pair: a tiny Phi-3 (dense) and a tiny Mixtral-style MoE, exported to HF format.
-    FFN width is 3 x hidden (experts 1.5 x hidden); heads of 32 dims, 2 query heads per KV head."""
+    FFN width is 3 x hidden (experts 1.5 x hidden); heads of 32 dims, 2 query heads per KV head. The
+    dense model carries a sliding window as Phi-3's config does, as long as its context (so the GGUF
+    export, which llama.cpp's llama graph runs without a window, is exact)."""
     import effilm
     from effilm.config import ModelConfig, MoEConfig
     from effilm.model import build_model
@@ -40,7 +47,7 @@ def _tiny_models(root: Path, hidden: int, layers: int, vocab: int) -> list[tuple
     common = dict(vocab_size=vocab, d_model=hidden, n_layers=layers, n_heads=heads, n_kv_heads=heads // 2,
                   max_seq_len=1024, tie_embeddings=False)
     specs = [
-        (f"tiny-phi3 (dense, d={hidden})", ModelConfig(name="bench-phi3", ffn_dim=3 * hidden, sliding_window=1000,
+        (f"tiny-phi3 (dense, d={hidden})", ModelConfig(name="bench-phi3", ffn_dim=3 * hidden, sliding_window=1024,
                                           hf_architecture="Phi3ForCausalLM", **common)),
         (f"tiny-mixtral (MoE 8x2, d={hidden})", ModelConfig(name="bench-moe", layer_pattern="M", ffn_dim=3 * hidden,
                                                     moe=MoEConfig(num_experts=8, top_k=2,
@@ -52,6 +59,55 @@ def _tiny_models(root: Path, hidden: int, layers: int, vocab: int) -> list[tuple
         d = effilm.save_hf(build_model(cfg, seed=0).eval(), root / cfg.name)
         out.append((label, d))
     return out
+
+
+def _tokenizer(root: Path, vocab: int) -> Path:
+    """A byte-level BPE of exactly ``vocab`` tokens (trained on effilm's own source), which the
+    GGUF export embeds so llama.cpp can load the model; the benchmark itself feeds token ids."""
+    from effilm.config.data import TokenizerTrainConfig
+    from effilm.tokenizer import train_tokenizer
+
+    src = Path(__file__).resolve().parents[1] / "src" / "effilm"
+    text = root / "tokenizer-corpus.txt"
+    text.write_text("\n".join(p.read_text(encoding="utf-8") for p in sorted(src.rglob("*.py"))), encoding="utf-8")
+    return train_tokenizer([text], root / "tok", TokenizerTrainConfig(vocab_size=vocab, chat_tokens=False, chat_template=""))
+
+
+def _llama_cpp(model, tok_dir: Path | None, out: Path, n_ctx: int) -> dict:
+    """Runners over llama.cpp for the GGUF exports (f32, q8_0) of ``model``; {} when llama_cpp
+    is not importable or the model cannot be exported."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("  llama.cpp rows skipped: llama_cpp is not importable (pip install llama-cpp-python)")
+        return {}
+    from effilm.gguf_export import export_gguf
+
+    runners = {}
+    out.mkdir(parents=True, exist_ok=True)
+    for qt in ("f32", "q8_0"):
+        try:
+            path = export_gguf(model, out / f"{out.name}-{qt}.gguf", qt, tok_dir)
+        except Exception as exc:  # noqa: BLE001 - e.g. an architecture llama.cpp has no layout for
+            print(f"  llama.cpp rows skipped: {exc}")
+            return {}
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=1, n_batch=512, verbose=False)
+        runners[f"llama.cpp {qt}"] = (lambda m: lambda p, n: _run_llama_cpp(m, p, n))(llm)
+    return runners
+
+
+def _run_llama_cpp(llm, prompts, new_tokens: int) -> float:
+    """Greedy decode of one prompt with llama.cpp: prefill, then argmax and one eval per token."""
+    import numpy as np
+
+    (prompt,) = prompts
+    t = time.perf_counter()
+    llm.reset()
+    llm.eval(prompt)
+    for _ in range(new_tokens - 1):  # the first token comes from the prefill's logits
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return time.perf_counter() - t
 
 
 def _hf_model(path: Path, tmp: Path, model):
@@ -110,25 +166,41 @@ def _run_hf(hf, prompts, new_tokens: int) -> float:
     return dt
 
 
-def bench_model(label: str, path: Path, tmp: Path, args) -> list[dict]:
-    from effilm.checkpoint import load
+def _engine(model):
     from effilm.engine import Engine
 
-    model = load(path)
     engine = Engine(model, None, eos_ids=())
     engine.eos_ids = frozenset()  # token-id benchmark: never stop early
+    return engine
+
+
+def bench_model(label: str, path: Path, tmp: Path, args, tok_dir: Path | None = None, extra_arms: bool = False) -> list[dict]:
+    """Rows for one model; ``extra_arms`` (the default tiny models) adds effilm int8 and llama.cpp."""
+    from effilm.checkpoint import load
+
+    model = load(path)
     hf = None if args.no_hf else _hf_model(path, tmp, model)
     vocab = model.cfg.vocab_size
+    engine = _engine(model)
     runners = {"effilm": lambda p, n: _run_effilm(engine, p, n)}
+    batched = dict(runners)
+    if extra_arms and not args.no_int8:
+        from effilm.quantize import QuantConfig, quantize_model
+
+        q_engine = _engine(quantize_model(load(path), QuantConfig(bits=8))[0])
+        runners["effilm int8"] = batched["effilm int8"] = lambda p, n: _run_effilm(q_engine, p, n)
     if hf is not None:
-        runners["transformers"] = lambda p, n: _run_hf(hf, p, n)
+        runners["transformers"] = batched["transformers"] = lambda p, n: _run_hf(hf, p, n)
+    if extra_arms and not args.no_llama_cpp:
+        runners.update(_llama_cpp(load(path), tok_dir, tmp / (path.name + "-gguf"),
+                                  args.prompt_len + args.new_tokens + 8))
     rows = []
     single = _prompts(1, args.prompt_len, vocab, 0)
     for fn in runners.values():  # warm-up
         fn(single, 4)
     times = {k: {"ttft": [], "total": []} for k in runners}
     for _ in range(args.repeats):
-        for name, fn in runners.items():  # interleaved, so drift on a shared machine hits both
+        for name, fn in runners.items():  # interleaved, so drift on a shared machine hits every arm
             times[name]["ttft"].append(fn(single, 1))
             times[name]["total"].append(fn(single, args.new_tokens))
     for name in runners:
@@ -139,7 +211,7 @@ def bench_model(label: str, path: Path, tmp: Path, args) -> list[dict]:
                      "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "repeats": args.repeats})
     for b in args.batch_sizes:
         prompts = _prompts(b, args.prompt_len, vocab, b)
-        for name, fn in runners.items():
+        for name, fn in batched.items():
             dts = [fn(prompts, args.new_tokens) for _ in range(max(1, args.repeats // 2))]
             dt = statistics.median(dts)
             rows.append({"model": label, "engine": name, "bench": "batched", "batch": b,
@@ -149,14 +221,14 @@ def bench_model(label: str, path: Path, tmp: Path, args) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'model':30s} {'engine':13s} {'bench':8s} {'batch':>5s} {'TTFT ms':>9s} {'tok/s':>9s} {'vs HF':>7s}")
+    print(f"\n{'model':30s} {'engine':15s} {'bench':8s} {'batch':>5s} {'TTFT ms':>9s} {'tok/s':>9s} {'vs HF':>7s}")
     ref = {(r["model"], r["bench"], r["batch"]): r for r in rows if r["engine"] == "transformers"}
     for r in rows:
         tps = r.get("decode_tok_s", r.get("throughput_tok_s"))
         base = ref.get((r["model"], r["bench"], r["batch"]))
         ratio = tps / base.get("decode_tok_s", base.get("throughput_tok_s")) if base else None
         ttft = f"{r['ttft_ms']:9.2f}" if "ttft_ms" in r else " " * 9
-        print(f"{r['model']:30s} {r['engine']:13s} {r['bench']:8s} {r['batch']:5d} {ttft} {tps:9.1f} "
+        print(f"{r['model']:30s} {r['engine']:15s} {r['bench']:8s} {r['batch']:5d} {ttft} {tps:9.1f} "
               f"{(f'{ratio:6.2f}x' if ratio else '      -')}")
 
 
@@ -173,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="batched-throughput sizes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
+    ap.add_argument("--no-int8", action="store_true", help="skip the effilm int8 rows of the tiny models")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp rows of the tiny models")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a smoke run)")
     ap.add_argument("--json", default="benchmarks/results/bench_decode.json", help="where to write results")
     args = ap.parse_args(argv)
@@ -187,16 +261,20 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        models = [(Path(m).name, Path(m)) for m in args.model] if args.model else _tiny_models(tmp, args.hidden, args.layers, args.vocab)
+        if args.model:
+            models, tok_dir = [(Path(m).name, Path(m)) for m in args.model], None
+        else:
+            models = _tiny_models(tmp, args.hidden, args.layers, args.vocab)
+            tok_dir = None if args.no_llama_cpp else _tokenizer(tmp, args.vocab)
         for label, path in models:
             print(f"benchmarking {label} ({path})", flush=True)
-            rows += bench_model(label, path, tmp, args)
+            rows += bench_model(label, path, tmp, args, tok_dir, extra_arms=not args.model)
     print_table(rows)
     import transformers
 
     atomic_write_json(args.json, {"python": sys.version.split()[0], "machine": platform.machine(),
                                   "torch": torch.__version__, "transformers": transformers.__version__,
-                                  "threads": args.threads, "argv": sys.argv[1:], "dtype": "as stored (fp32 for the tiny models)",
+                                  "threads": args.threads, "argv": sys.argv[1:], "dtype": "as stored (fp32 for the tiny models; 'effilm int8' is their RTN int8 copy)",
                                   "rows": rows})
     print(f"wrote {Path(args.json)}")
     return 0

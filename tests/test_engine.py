@@ -375,3 +375,57 @@ def test_synth_local_backend_end_to_end(tmp_path, tok_dir):
                             local={"checkpoint": str(ckpt), "batch_size": 2}), tmp_path / "out2",
                 log=lambda m: None).run()
     assert again["complete"] and [r["text"] for r in read_records(tmp_path / "out2")] == [r["text"] for r in recs]
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe", "tiny-arctic"])
+def test_cpu_layout_keeps_values_ties_and_tokens(name, tmp_path):
+    """The engine's in-place CPU layout changes strides only: same values, same parameters (a tied
+    head stays tied), same tokens as an engine on an untouched copy, and a checkpoint still saves."""
+    import copy
+
+    from effilm.checkpoint import load, save
+    from effilm.decode import use_cpu_layout
+
+    model = tiny(name, init_std=0.08)
+    untouched = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    engine = Engine(model, None)
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        if p.dim() == 2 and "embed" not in n and "norm" not in n:
+            assert p.t().is_contiguous() and not p.is_contiguous(), n
+    if model.cfg.tie_embeddings:
+        assert model.lm_head.weight is model.embed.weight
+    assert use_cpu_layout(model) == 0  # already laid out
+    plain = Engine(untouched, None, cpu_layout=False)
+    assert all(p.is_contiguous() for p in untouched.parameters())
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22]]
+    params_ = SamplingParams(max_new_tokens=10)
+    assert [c.token_ids for c in engine.generate(prompts, params_)] == [c.token_ids for c in plain.generate(prompts, params_)]
+    save(model, tmp_path / "ckpt")
+    for n, p in load(tmp_path / "ckpt").named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe", "tiny-arctic"])
+def test_fast_steps_run_int8_models(name):
+    """An int8 (per-channel) quantized model takes the fast steps too (the chosen experts' codes are
+    read directly) and gives the tokens and logits of its own Transformer.forward."""
+    from effilm.decode import decode_step, prefill
+    from effilm.quantize import QuantConfig, quantize_model
+
+    model, _ = quantize_model(tiny(name, **LIVELY), QuantConfig(bits=8))
+    fast, plain = Engine(model, None), Engine(model, None, fast=False)
+    assert fast.fast
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22]]
+    params = SamplingParams(max_new_tokens=10)
+    assert [c.token_ids for c in fast.generate(prompts, params)] == [c.token_ids for c in plain.generate(prompts, params)]
+    c1, c2 = model.new_cache(1, 16), model.new_cache(1, 16)
+    with torch.inference_mode():
+        prefill(model, torch.tensor([prompts[0]]), c1, None, None)
+        model(torch.tensor([prompts[0]]), cache=c2)
+        for t in (3, 4):
+            torch.testing.assert_close(decode_step(model, torch.tensor([t]), c1, None, None),
+                                       model(torch.tensor([[t]]), cache=c2).logits[:, -1], atol=1e-4, rtol=1e-4)

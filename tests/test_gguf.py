@@ -140,6 +140,14 @@ def test_unsupported_models_fail_clearly(tmp_path, over, match):
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+def test_a_window_as_long_as_the_context_exports(tmp_path):
+    """A sliding window that never masks anything (>= the context) is no obstacle to the export."""
+    ctx = small("dense").cfg.max_seq_len
+    assert export_gguf(small("dense", sliding_window=ctx), tmp_path / "w.gguf", "f32").is_file()
+    with pytest.raises(EffilmError, match="shorter than the context"):
+        export_gguf(small("dense", sliding_window=ctx - 1), tmp_path / "x.gguf", "f32")
+
+
 def test_cli_convert_to_gguf(tmp_path, tok_dir, capsys):
     import shutil
 
@@ -184,3 +192,15 @@ def test_llama_cpp_greedy_matches_effilm(tmp_path, tok_dir, kind):
         theirs.append(nxt)
         llm.eval([nxt])
     assert theirs == ours
+
+
+def test_a_phi3_name_is_written_so_llama_cpp_loads_it(tmp_path, tok_dir):
+    """llama.cpp treats a general.name containing "phi3"/"phi-3" as Phi-3's own vocabulary and then
+    fails on a byte-level BPE one; the export writes such names with "phi_3"."""
+    path = export_gguf(small("dense"), tmp_path / "p.gguf", "f32", tok_dir, name="Phi3-mini-textbook")
+    field = gguf.GGUFReader(str(path)).fields["general.name"]
+    assert bytes(field.parts[field.data[0]]).decode() == "Phi_3-mini-textbook"
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, n_threads=1, verbose=False)
+    llm.eval([5, 17, 42])
+    assert llm.n_tokens == 3

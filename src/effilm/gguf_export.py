@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,9 @@ def choose_arch(cfg) -> str:
             problems.append(f"{name}=True")
     if cfg.rope_type != "default" or cfg.rope_partial_factor != 1.0:
         problems.append("scaled or partial RoPE")
-    if cfg.sliding_window is not None:
-        problems.append(f"sliding_window={cfg.sliding_window}")
+    if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_seq_len:
+        # a window at least as long as the context never masks anything: the export is exact
+        problems.append(f"sliding_window={cfg.sliding_window} (shorter than the context, {cfg.max_seq_len})")
     if cfg.qkv_multipliers is not None:
         problems.append("OpenELM layer-wise scaling (per-layer head counts)")
     kinds = {s.kind for s in cfg.layers}
@@ -165,6 +167,13 @@ def _tokenizer_metadata(writer, tokenizer_dir: Path, vocab_size: int) -> None:
         writer.add_chat_template(tok.chat_template)
 
 
+def gguf_name(name: str) -> str:
+    """The ``general.name`` to write. llama.cpp (0.3.x) switches to Phi-3's own vocabulary handling
+    when the name contains "phi3" or "phi-3" (any case) and then fails to load a byte-level BPE
+    vocabulary ("unordered_map::at"); such a name is written with "phi_3" instead."""
+    return re.sub(r"(?i)(phi)-?(3)", r"\1_\2", name)
+
+
 def export_gguf(model, out, qtype: str = "f16", tokenizer_dir=None, name: str | None = None) -> Path:
     """Write ``model`` to ``out`` as GGUF (atomically: a temp file renamed into place)."""
     import gguf
@@ -178,7 +187,7 @@ def export_gguf(model, out, qtype: str = "f16", tokenizer_dir=None, name: str | 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
-        writer.add_name(name or cfg.name)
+        writer.add_name(gguf_name(name or cfg.name))
         writer.add_context_length(cfg.max_seq_len)
         writer.add_embedding_length(cfg.d_model)
         writer.add_block_count(cfg.n_layers)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from effilm.config.model import LayerShape, ModelConfig, longrope_mscale
+from effilm.fused_ce import linear_cross_entropy
+from effilm.fused_ops import rms_norm, rotary, signed_sin, swiglu, wants_fused
 from effilm.moe import MoE, RoutingStats, moe_losses
 
 
@@ -27,6 +29,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if wants_fused(x, self.weight):
+            return rms_norm(x, self.weight, self.eps)  # same values, a cheaper backward on the CPU
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)
 
@@ -87,9 +91,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     rot = cos.shape[-1]
     cos, sin = cos[:, None], sin[:, None]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    half = rot // 2
-    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
-    out = x_rot * cos + rotated * sin
+    if wants_fused(x):  # same values, a backward that saves nothing but cos/sin
+        out = rotary(x_rot, cos, signed_sin(sin))
+    else:
+        half = rot // 2
+        rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+        out = x_rot * cos + rotated * sin
     return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
 
 
@@ -153,7 +160,10 @@ class MLP(nn.Module):
         self.down = nn.Linear(width, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gu = self.gate_up(x)
+        if self.activation == "silu" and wants_fused(gu):
+            return self.down(swiglu(gu))  # same values, a cheaper backward on the CPU
+        gate, up = gu.chunk(2, dim=-1)
         if self.activation == "silu":
             h = F.silu(gate) * up
         elif self.activation == "gelu_tanh":
@@ -194,11 +204,12 @@ class Block(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when forward was given targets
     aux_loss: torch.Tensor | None = None  # mean over MoE layers of the load-balancing loss
     z_loss: torch.Tensor | None = None  # mean over MoE layers of the router z-loss
     moe_loss: torch.Tensor | None = None  # aux_loss_coef * aux_loss + z_loss_coef * z_loss
     routing: list[RoutingStats] = field(default_factory=list)
+    ce_sum: torch.Tensor | None = None  # summed next-token cross-entropy, when forward was given targets
 
 
 class Transformer(nn.Module):
@@ -229,13 +240,18 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        ignore_index: int = -100,
     ) -> ModelOutput:
         """Logits for ``input_ids`` [B, T].
 
         cache: a KVCache to read and extend (incremental decoding). positions: [B, T] or [T]
         positions (default: continue from the cache). attention_mask: [B, S] bool or 0/1 over
         all keys so far (cached + new), False for padding. doc_ids: [B, T] document ids; when
-        given, attention stays within each document (packed training sequences).
+        given, attention stays within each document (packed training sequences). targets: [B, T]
+        next-token ids; when given, the output holds ``ce_sum`` (the summed cross-entropy, fp32,
+        ``ignore_index`` rows excluded) instead of logits, computed without materialising them
+        (``effilm.fused_ce``).
         """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an integer tensor [B, T], got {tuple(input_ids.shape)} {input_ids.dtype}")
@@ -255,8 +271,14 @@ class Transformer(nn.Module):
                 routing.append(stats)
         if cache is not None:
             cache.length = start + T
-        logits = self.lm_head(self.norm(x))
-        out = ModelOutput(logits=logits, routing=routing)
+        if targets is not None:
+            h = self.norm(x)
+            if targets.shape != (B, T):
+                raise ValueError(f"targets must have the shape of input_ids {(B, T)}, got {tuple(targets.shape)}")
+            ce = linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, targets, ignore_index)
+            out = ModelOutput(logits=None, routing=routing, ce_sum=ce)
+        else:
+            out = ModelOutput(logits=self.lm_head(self.norm(x)), routing=routing)
         if routing:
             out.aux_loss, out.z_loss, out.moe_loss = moe_losses(routing, self.cfg.moe)
         return out

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from effilm.fused_ops import swiglu, swiglu_backward, swiglu_forward, wants_fused
+
 
 def expert_offsets(sorted_ids_N: torch.Tensor, num_experts: int) -> torch.Tensor:
     """End offset (exclusive) of each expert's rows in ids sorted ascending; ids >= E are ignored.
@@ -114,23 +116,6 @@ class _Combine(torch.autograd.Function):
         return g_ND, grad_w_TK, None, None, None
 
 
-def _swiglu_fwd(h_N2F: torch.Tensor) -> torch.Tensor:
-    gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
-    return F.silu(gate_NF) * up_NF
-
-
-def _swiglu_bwd(h_N2F: torch.Tensor, d_act_NF: torch.Tensor):
-    """Gradient of silu(gate)*up w.r.t. [gate | up], and the recomputed activation."""
-    gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
-    F_ = gate_NF.shape[1]
-    silu_NF = F.silu(gate_NF)
-    d_h_N2F = torch.empty_like(h_N2F)
-    torch.mul(d_act_NF, silu_NF, out=d_h_N2F[:, F_:])
-    # the same fused kernel autograd uses for F.silu, so results match the reference bit for bit
-    d_h_N2F[:, :F_] = torch.ops.aten.silu_backward(d_act_NF * up_NF, gate_NF)
-    return d_h_N2F, silu_NF.mul_(up_NF)
-
-
 def _segments(counts: list[int]):
     start = 0
     for e, n in enumerate(counts):
@@ -155,7 +140,7 @@ class _LoopFFN(torch.autograd.Function):
             torch.mm(x_ND[a:b], w_gate_up_E2FD[e].t(), out=h_N2F[a:b])
         n_kept = sum(counts)
         h_N2F[n_kept:].zero_()
-        act_NF = _swiglu_fwd(h_N2F)
+        act_NF = swiglu_forward(h_N2F)
         for e, a, b in _segments(counts):
             torch.mm(act_NF[a:b], w_down_EDF[e].t(), out=y_ND[a:b])
         y_ND[n_kept:].zero_()
@@ -175,7 +160,7 @@ class _LoopFFN(torch.autograd.Function):
         d_act_NF[n_kept:].zero_()
         for e, a, b in _segments(counts):
             torch.mm(grad_y_ND[a:b], w_d[e], out=d_act_NF[a:b])
-        d_h_N2F, act_NF = _swiglu_bwd(h_N2F, d_act_NF)
+        d_h_N2F, act_NF = swiglu_backward(h_N2F, d_act_NF)
         grad_d = grad_gu = grad_x = None
         if need_d:
             grad_d = _per_expert_outer(w_d, counts, grad_y_ND, act_NF)
@@ -208,7 +193,8 @@ def prefers_grouped_mm(x: torch.Tensor) -> bool:
     the loop otherwise (CPU grouped_mm in bf16 is slow)."""
     if x.is_cuda:
         return True
-    return x.dtype == torch.float32 and hasattr(F, "grouped_mm")
+    # torch.compile cannot trace the CPU fp32 grouped_mm (its meta function wants bf16)
+    return x.dtype == torch.float32 and hasattr(F, "grouped_mm") and not torch.compiler.is_compiling()
 
 
 def grouped_expert_ffn(x_ND, counts_E, w_gate_up_E2FD, w_down_EDF, use_grouped_mm=False):
@@ -226,7 +212,7 @@ def grouped_expert_ffn(x_ND, counts_E, w_gate_up_E2FD, w_down_EDF, use_grouped_m
     if use_grouped_mm:
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         h_N2F = F.grouped_mm(x_ND.contiguous(), w_gate_up_E2FD.transpose(-2, -1), offs=offs_E)
-        act_NF = _swiglu_fwd(h_N2F).contiguous()
+        act_NF = (swiglu(h_N2F) if wants_fused(h_N2F) else swiglu_forward(h_N2F)).contiguous()
         return F.grouped_mm(act_NF, w_down_EDF.transpose(-2, -1), offs=offs_E)
     return _LoopFFN.apply(x_ND.contiguous(), w_gate_up_E2FD, w_down_EDF, counts_E.tolist())
 

@@ -114,7 +114,6 @@ def micro_loss(model, batch, device, amp, global_tokens: int, share: float, worl
     over ranks in place (None in one process).
     """
     import torch
-    import torch.nn.functional as F
 
     from effilm.moe import load_balancing_loss
 
@@ -122,9 +121,9 @@ def micro_loss(model, batch, device, amp, global_tokens: int, share: float, worl
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     doc_ids = batch.doc_ids.to(device)[:, :-1] if batch.doc_ids is not None else None
     with _autocast(device, amp):
-        out = model(inputs, doc_ids=doc_ids)
-    logits = out.logits.float()
-    ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        # the LM head and the loss in one chunked pass: the [tokens, vocab] logits are never held
+        out = model(inputs, doc_ids=doc_ids, targets=targets)
+    ce_sum = out.ce_sum
     loss = ce_sum * (world_size / global_tokens)
     if out.routing:
         m = model_cfg(model).moe
@@ -192,7 +191,6 @@ class _StopFlag:
 # ----- validation -----------------------------------------------------------------------------------
 def validate(model, val_batches: dict, device, amp, dist) -> dict[str, float]:
     import torch
-    import torch.nn.functional as F
 
     out = {}
     was_training = model.training
@@ -204,8 +202,7 @@ def validate(model, val_batches: dict, device, amp, dist) -> dict[str, float]:
                 tokens = b.tokens.to(device)
                 doc_ids = b.doc_ids.to(device)[:, :-1] if b.doc_ids is not None else None
                 with _autocast(device, amp):
-                    logits = model(tokens[:, :-1], doc_ids=doc_ids).logits.float()
-                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="sum")
+                    ce = model(tokens[:, :-1], doc_ids=doc_ids, targets=tokens[:, 1:]).ce_sum
                 acc += torch.stack([ce.double(), acc.new_tensor(float(tokens[:, 1:].numel()))])
             acc = dist.all_reduce_sum(acc)
             out[name] = float(acc[0] / acc[1].clamp_min(1))
