@@ -106,7 +106,7 @@ def _run_llama_cpp(llm, prompts, new_tokens: int) -> float:
     llm.eval(prompt)
     for _ in range(new_tokens - 1):  # the first token comes from the prefill's logits
         llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    int(np.argmax(llm.scores[llm.n_tokens - 1]))  # the last token's choice, as the other arms make it
     return time.perf_counter() - t
 
 

@@ -34,23 +34,16 @@ def make_data(root: Path) -> Path:
     return root
 
 
+_SMALL = """vocab_size = 320
+d_model = 32
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+ffn_dim = 64
+"""
 MODELS = {
-    "dense": """preset = "tiny-dense"
-vocab_size = 320
-d_model = 32
-n_layers = 2
-n_heads = 4
-n_kv_heads = 2
-ffn_dim = 64
-""",
-    "arctic": """preset = "tiny-arctic"
-vocab_size = 320
-d_model = 32
-n_layers = 2
-n_heads = 4
-n_kv_heads = 2
-ffn_dim = 64
-residual_ffn_dim = 32
+    "dense": 'preset = "tiny-dense"\n' + _SMALL,
+    "arctic": 'preset = "tiny-arctic"\n' + _SMALL + """residual_ffn_dim = 32
 moe = { num_experts = 8, expert_ffn_dim = 16, capacity_factor = 1.5, z_loss_coef = 0.001 }
 """,
 }

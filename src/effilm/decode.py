@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from effilm.model import MLP, Attention, Block, KVCache, RMSNorm, Transformer
-from effilm.moe import MoE, experts_reference, experts_sorted
+from effilm.moe import Experts, MoE
+from effilm.quantize import int8_rows_linear
 
 
 def supports(model) -> bool:
@@ -59,7 +60,7 @@ def _known_experts(experts: nn.Module) -> bool:
     """Plain stacked expert weights, or int8 per-channel quantized ones (effilm.quantize)."""
     if getattr(experts, "int8_per_channel", False):
         return True
-    return type(experts).__name__ == "Experts" and isinstance(experts.w_gate_up, nn.Parameter)
+    return type(experts) is Experts and isinstance(experts.w_gate_up, nn.Parameter)
 
 
 def use_cpu_layout(model: Transformer) -> int:
@@ -77,7 +78,7 @@ def use_cpu_layout(model: Transformer) -> int:
         for mod in model.modules():
             if isinstance(mod, nn.Linear):
                 params = [mod.weight]
-            elif type(mod).__name__ == "Experts":
+            elif isinstance(mod, Experts):
                 params = [mod.w_gate_up, mod.w_down]
             else:
                 continue
@@ -219,15 +220,18 @@ class _Experts:
                            and type(moe.router) is nn.Linear)
         self.router_w = moe.router.weight.float() if self.logit_topk else None
 
-    def _ffn(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e's SwiGLU output for rows ``x``, unweighted."""
+    def _ffn(self, e: int, x: torch.Tensor, out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+        """Expert e's SwiGLU output for rows ``x``: returned unweighted, or with ``out`` given,
+        added into it times ``alpha`` (fp32: fused into the down projection's addmm)."""
         F_ = self.F
         if self.int8:
             (q_gu, s_gu), (q_d, s_d) = self.gate_up[e], self.down_t[e]
-            h = F.linear(x, q_gu.to(x.dtype)).mul_(s_gu.to(x.dtype))
-            return F.linear(F.silu(h[:, :F_]).mul_(h[:, F_:]), q_d.to(x.dtype)).mul_(s_d.to(x.dtype))
+            h = int8_rows_linear(x, q_gu, s_gu)
+            y = int8_rows_linear(F.silu(h[:, :F_]).mul_(h[:, F_:]), q_d, s_d)
+            return y if out is None else out.add_(y, alpha=alpha)
         h = F.linear(x, self.gate_up[e])
-        return torch.mm(F.silu(h[:, :F_]).mul_(h[:, F_:]), self.down_t[e])
+        act = F.silu(h[:, :F_]).mul_(h[:, F_:])
+        return torch.mm(act, self.down_t[e]) if out is None else out.addmm_(act, self.down_t[e], alpha=alpha)
 
     def add_into(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """out += the expert mixture of ``x`` ([T, D], normed); each chosen expert is read once."""
@@ -237,13 +241,8 @@ class _Experts:
         else:
             _, _, w, ids = self.moe.route(x)
         if x.shape[0] == 1:  # the decode step of one sequence: no gathers at all
-            F_ = self.F
             for e, we in zip(ids[0].tolist(), w[0].tolist()):
-                if self.int8:
-                    out.add_(self._ffn(e, x), alpha=we)
-                else:
-                    h = F.linear(x, self.gate_up[e])
-                    out.addmm_(F.silu(h[:, :F_]).mul_(h[:, F_:]), self.down_t[e], alpha=we)
+                self._ffn(e, x, out, we)
             return out
         groups: dict[int, tuple[list[int], list[float]]] = {}
         for t, (es, ws) in enumerate(zip(ids.tolist(), w.tolist())):
@@ -273,16 +272,7 @@ def _moe_into(L: _Layer, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             L.experts = _Experts(moe)
         return L.experts.add_into(out, xn)
     _, _, topk_w_TK, topk_ids_TK = moe.route(xn)
-    w_gu, w_d = moe.experts.w_gate_up, moe.experts.w_down
-    if moe.experts_fn is not None:
-        y = moe.experts_fn(xn, topk_ids_TK, topk_w_TK, None)
-    else:
-        impl = moe.impl if moe.impl != "auto" else ("grouped_mm" if xn.is_cuda else "sorted")
-        if impl == "reference":
-            y = experts_reference(xn, topk_ids_TK, topk_w_TK, w_gu, w_d)
-        else:
-            y = experts_sorted(xn, topk_ids_TK, topk_w_TK, w_gu, w_d, None, impl == "grouped_mm")
-    return out.add_(y)
+    return out.add_(moe.mix(xn, topk_ids_TK, topk_w_TK))
 
 
 def _attend_one(L: _Layer, h, cos, sin_signed, key_mask, cache: KVCache, layer: int, window: int | None):

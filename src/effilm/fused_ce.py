@@ -46,24 +46,30 @@ def _chunk_loss(z: torch.Tensor, t: torch.Tensor, valid: torch.Tensor | None, wa
     return per_row.sum()
 
 
+def _chunks(h, weight, bias, targets, ignore_index, chunk):
+    """Per chunk of rows: (start, hidden rows, fp32 logits, targets with ignored ones set to 0,
+    the valid-row mask as floats or None)."""
+    w = weight.to(h.dtype)
+    b = bias.to(h.dtype) if bias is not None else None
+    for s in range(0, h.shape[0], chunk):
+        hc, tc = h[s:s + chunk], targets[s:s + chunk]
+        valid = None
+        if ignore_index is not None:
+            keep = tc != ignore_index
+            valid, tc = keep.float(), tc.masked_fill(~keep, 0)
+        yield s, hc, F.linear(hc, w, b).float(), tc, valid
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, ignore_index: int, chunk: int):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         w = weight.to(h.dtype)
-        b = bias.to(h.dtype) if bias is not None else None
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, h.shape[0], chunk):
-            hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            valid = None
-            if ignore_index is not None:
-                keep = tc != ignore_index
-                valid = keep.float()
-                tc = tc.masked_fill(~keep, 0)
-            z = F.linear(hc, w, b).float()
+        for s, hc, z, tc, valid in _chunks(h, weight, bias, targets, ignore_index, chunk):
             total += _chunk_loss(z, tc, valid, True)
             g = z.to(h.dtype)
             if need_h:
@@ -102,12 +108,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if grads:
         return _LinearCrossEntropy.apply(h2, weight, bias, t, ignore_index, chunk)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
-    for s in range(0, h2.shape[0], chunk):
-        tc = t[s:s + chunk]
-        valid = None
-        if ignore_index is not None:
-            keep = tc != ignore_index
-            valid, tc = keep.float(), tc.masked_fill(~keep, 0)
-        z = F.linear(h2[s:s + chunk], weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()
+    for _, _, z, tc, valid in _chunks(h2, weight, bias, t, ignore_index, chunk):
         total += _chunk_loss(z, tc, valid, False)
     return total

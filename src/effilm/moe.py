@@ -173,6 +173,18 @@ class MoE(nn.Module):
             topk_w_TK, topk_ids_TK, probs_TE = route_softmax_topk(logits_TE, self.cfg.top_k, self.cfg.renormalize)
         return logits_TE, probs_TE, topk_w_TK, topk_ids_TK
 
+    def mix(self, x_TD, topk_ids_TK, topk_w_TK, keep_TK=None) -> torch.Tensor:
+        """The weighted expert outputs for routed tokens, by ``experts_fn`` or the ``impl`` kernel."""
+        if self.experts_fn is not None:
+            return self.experts_fn(x_TD, topk_ids_TK, topk_w_TK, keep_TK)
+        impl = self.impl
+        if impl == "auto":
+            impl = "grouped_mm" if prefers_grouped_mm(x_TD) else "sorted"
+        w_gu, w_d = self.experts.w_gate_up, self.experts.w_down
+        if impl == "reference":
+            return experts_reference(x_TD, topk_ids_TK, topk_w_TK, w_gu, w_d, keep_TK)
+        return experts_sorted(x_TD, topk_ids_TK, topk_w_TK, w_gu, w_d, keep_TK, impl == "grouped_mm")
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingStats]:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
@@ -183,16 +195,7 @@ class MoE(nn.Module):
         if self.training and self.cfg.capacity_factor is not None:
             capacity = math.ceil(self.cfg.capacity_factor * T * K / E)
             keep_TK = capacity_keep_mask(topk_ids_TK, E, capacity)
-        impl = self.impl
-        if impl == "auto":
-            impl = "grouped_mm" if prefers_grouped_mm(x_TD) else "sorted"
-        w_gu, w_d = self.experts.w_gate_up, self.experts.w_down
-        if self.experts_fn is not None:
-            y_TD = self.experts_fn(x_TD, topk_ids_TK, topk_w_TK, keep_TK)
-        elif impl == "reference":
-            y_TD = experts_reference(x_TD, topk_ids_TK, topk_w_TK, w_gu, w_d, keep_TK)
-        else:
-            y_TD = experts_sorted(x_TD, topk_ids_TK, topk_w_TK, w_gu, w_d, keep_TK, impl == "grouped_mm")
+        y_TD = self.mix(x_TD, topk_ids_TK, topk_w_TK, keep_TK)
         with torch.no_grad():
             ids_N = topk_ids_TK.reshape(-1)  # scatter_add, not bincount: no host sync on CUDA
             counts_E = torch.zeros(E, device=ids_N.device).scatter_add_(0, ids_N, torch.ones_like(ids_N, dtype=torch.float))

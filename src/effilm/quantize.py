@@ -206,6 +206,12 @@ class QuantWeight(nn.Module):
         return f"shape={self.shape}, bits={self.bits}, asym={self.asym}, groups={self.scales.shape[-1]}"
 
 
+def int8_rows_linear(x: torch.Tensor, q: torch.Tensor, row_scales: torch.Tensor) -> torch.Tensor:
+    """x @ (q * s)^T for int8 codes ``q`` [out, in] with one scale per output row, computed as
+    x @ q^T * s: the codes converted to x's dtype, the dequantized matrix never built."""
+    return F.linear(x, q.to(x.dtype)).mul_(row_scales.to(x.dtype))
+
+
 class QuantLinear(nn.Module):
     """A Linear whose weight is quantized. int8 symmetric per-channel weights multiply the int8
     codes (converted to the activation dtype) and scale the output rows, x @ q^T * s, which is
@@ -223,7 +229,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qw = self.qweight
         if self.int8_fast and x.is_floating_point():
-            y = F.linear(x, qw.q.to(x.dtype)).mul_(qw.scales.squeeze(-1).to(x.dtype))
+            y = int8_rows_linear(x, qw.q, qw.scales.squeeze(-1))
             return y.add_(self.bias.to(y.dtype)) if self.bias is not None else y
         return F.linear(x, qw.dequantize().to(x.dtype), self.bias)
 
