@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +20,14 @@ from effilm.demo_notes import build_notes
 from effilm.errors import ConfigError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import screenshot_report  # noqa: E402
 
 
-def _effilm(*args, check=True):
+def _effilm(*args, check=True, cwd=None):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "effilm", *args], capture_output=True, text=True, env=env,
-                          timeout=900)
+                          timeout=900, cwd=cwd)  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(f"effilm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -31,8 +35,12 @@ def _effilm(*args, check=True):
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "out"
-    proc = _effilm("demo", "--quick", "--out", str(out), "--seed", "1")
+    """``effilm demo --quick`` exactly as `make demo-quick` runs it: the default output folder, in an
+    empty working directory (the same code path as `make demo`, shorter)."""
+    cwd = tmp_path_factory.mktemp("empty")
+    proc = _effilm("demo", "--quick", cwd=cwd)
+    out = cwd / "demo_out"
+    assert sorted(p.name for p in cwd.iterdir()) == ["demo_out"]
     return out, proc.stdout, json.loads((out / "summary.json").read_text())
 
 
@@ -43,7 +51,7 @@ def _jsonl(path) -> list[dict]:
 # ----- the quick run, end to end -----------------------------------------------------------------
 def test_quick_summary_structure_and_timings(quick):
     out, stdout, s = quick
-    assert s["schema_version"] == 1 and s["quick"] is True and s["seed"] == 1
+    assert s["schema_version"] == 1 and s["quick"] is True and s["seed"] == 0
     for name in STAGES:
         t = s["timings"][name]
         assert t["wall_s"] >= 0 and t["cpu_s"] >= 0, name
@@ -128,6 +136,65 @@ def test_quick_hooks_are_skipped_visibly(quick):
         if missing:
             assert s[hook] == {"status": "not available", "missing": missing}
             assert f"{hook}: not available (missing {', '.join(missing)})" in stdout
+
+
+def _imgs(page: str) -> list[str]:
+    import html.parser
+
+    class Imgs(html.parser.HTMLParser):
+        srcs: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.srcs.append(dict(attrs)["src"])
+
+    p = Imgs()
+    p.srcs = []
+    p.feed(page)
+    return p.srcs
+
+
+def assert_report_shows_every_image(report_dir: Path) -> None:
+    """Every <img> of report.html and every image link of report.md resolves from the report's own
+    folder (data: URIs decode to an image), and, where Chromium is installed, every image of the
+    HTML loads in a real browser (natural width > 0) started from another working directory."""
+    import base64
+
+    page = (report_dir / "report.html").read_text(encoding="utf-8")
+    srcs = _imgs(page)
+    assert srcs, "the report shows no image"
+    for src in srcs:
+        if src.startswith("data:image/png;base64,"):
+            assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+        else:
+            assert not src.startswith(("/", "file:")) and (report_dir / src).is_file(), src
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (report_dir / "report.md").read_text(encoding="utf-8"))
+    assert len(links) == len(srcs)
+    for link in links:
+        assert not link.startswith("/") and (report_dir / link).is_file(), link
+    browser = screenshot_report.find_browser()
+    if browser is None:
+        assert os.environ.get("CI") != "true", "CI installs Chromium for this check"
+        return
+    widths = screenshot_report.image_widths(report_dir / "report.html", browser)
+    assert len(widths) == len(srcs) and all(w > 0 for w in widths), widths
+
+
+def test_quick_report_shows_every_image_from_anywhere(quick, tmp_path):
+    out, stdout, s = quick
+    assert s["report"]["status"] == "written" and Path(s["report"]["html"]) == out / "report.html"
+    assert_report_shows_every_image(out)
+    moved = tmp_path / "moved here" / "copy of demo_out"  # a report mailed or moved elsewhere
+    shutil.copytree(out, moved)
+    assert_report_shows_every_image(moved)
+
+
+def test_relative_out_with_dotdot_and_spaces(tmp_path):
+    cwd = tmp_path / "a work dir" / "sub"
+    cwd.mkdir(parents=True)
+    _effilm("demo", "--quick", "--out", "../my out/demo", cwd=cwd)
+    assert list(cwd.iterdir()) == []
+    assert_report_shows_every_image(tmp_path / "a work dir" / "my out" / "demo")
 
 
 def test_missing_modules():

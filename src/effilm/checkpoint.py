@@ -57,11 +57,17 @@ def write_model_files(directory: Path, state: dict[str, torch.Tensor], cfg: Mode
     (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def save(model, path: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Save ``model`` as an effilm checkpoint directory, atomically (temp dir, then rename)."""
+def save(model, path: str | os.PathLike, extra: dict | None = None,
+         tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Save ``model`` as an effilm checkpoint directory, atomically (temp dir, then rename), with
+    the tokenizer files of ``tokenizer_dir`` when given."""
     path = Path(path)
     with atomic_dir(path) as tmp:
         write_checkpoint_files(tmp, model, extra)
+        if tokenizer_dir is not None:
+            from effilm.tokenizer import copy_tokenizer_files
+
+            copy_tokenizer_files(tokenizer_dir, tmp)
     return path
 
 

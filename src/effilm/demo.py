@@ -60,12 +60,13 @@ Stages (each prints its progress and its wall and CPU time):
       "notes": [{"topic", "shows": bool | null, "text"}]         # see effilm.demo_notes
     }
 
-Models: ``dense-web``, ``dense-textbook``, ``arctic-textbook``. Paths are as given by ``--out``.
+Models: ``dense-web``, ``dense-textbook``, ``arctic-textbook``. Paths are absolute (``--out`` made absolute).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,7 +127,7 @@ def report(summary: dict, out_dir: Path) -> dict:
         return {"status": "not available", "missing": missing}
     from effilm.demo_report import write_demo_report
 
-    html, md = write_demo_report(summary, out_dir)
+    md, html = write_demo_report(summary, out_dir)
     print(f"report: {html} and {md}")
     return {"status": "written", "missing": [], "html": str(html), "markdown": str(md)}
 
@@ -139,7 +140,10 @@ def best_model(summary: dict) -> str:
 
 # ----------------------------------------------------------------------------- the run
 def run_pipeline(cfg: DemoConfig, out_dir: Path, quick: bool = False) -> dict:
-    """Run every stage into ``out_dir`` and return the summary (also written to summary.json)."""
+    """Run every stage into ``out_dir`` and return the summary (also written to summary.json).
+
+    Every path the stages write and the summary records is absolute (``out_dir`` is made so first),
+    so the summary and the report mean the same files from any working directory."""
     import torch
 
     import effilm
@@ -149,6 +153,7 @@ def run_pipeline(cfg: DemoConfig, out_dir: Path, quick: bool = False) -> dict:
     from effilm.demo_stages import clean, synthesize, tokenize
     from effilm.demo_train import evaluate_models, train_models
 
+    out_dir = Path(os.path.abspath(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     timings: dict = {}

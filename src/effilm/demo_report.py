@@ -2,7 +2,7 @@
 
 ``write_demo_report(summary, out_dir)`` draws the plots (:mod:`effilm.plots`) into
 ``DIR/plots/``, lays out the report dict :mod:`effilm.report` renders, and returns the paths of
-the HTML and Markdown files. Everything shown is read from the summary; nothing is computed here
+the Markdown and HTML files, in that order. Everything shown is read from the summary; nothing is computed here
 except layout and the plots.
 """
 

@@ -345,8 +345,10 @@ def _first(v):
 
 
 # ----- public API ------------------------------------------------------------------------------
-def save_hf(model, path: str | os.PathLike, arch: str | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write a directory that transformers' AutoModelForCausalLM loads (config.json + safetensors)."""
+def save_hf(model, path: str | os.PathLike, arch: str | None = None, dtype: torch.dtype | None = None,
+            tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write a directory that transformers' AutoModelForCausalLM loads (config.json + safetensors),
+    with the tokenizer files of ``tokenizer_dir`` when given."""
     from safetensors.torch import save_file
 
     from effilm.io import atomic_dir
@@ -364,6 +366,10 @@ def save_hf(model, path: str | os.PathLike, arch: str | None = None, dtype: torc
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_cfg.get(k) is not None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            from effilm.tokenizer import copy_tokenizer_files
+
+            copy_tokenizer_files(tokenizer_dir, tmp)
     return path
 
 

@@ -222,6 +222,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool | None = None) ->
     from effilm.optim import build_optimizer, make_schedule
     from effilm.train_metrics import step_routing_stats
 
+    cfg = cfg.with_absolute_paths()
     t = cfg.train
     dist = _get_dist()
     try:

@@ -122,10 +122,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
         return cmd_convert_gguf(args)
     model = effilm.load(args.src)
-    if args.to == "hf":
-        effilm.save_hf(model, args.dst, arch=args.arch)
+    if args.to == "hf":  # the tokenizer files of SRC, when it has them, travel with the weights
+        effilm.save_hf(model, args.dst, arch=args.arch, tokenizer_dir=args.src)
     else:
-        effilm.save(model, args.dst)
+        effilm.save(model, args.dst, tokenizer_dir=args.src)
     print(f"wrote {args.dst} ({args.to})")
     return 0
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -181,6 +182,20 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_absolute_paths(self) -> RunConfig:
+        """A copy whose paths (out_dir, tokenizer, each source's path) are absolute, so that the
+        run's ``config.json`` means the same files from whatever directory it is read.
+        Relative paths in a run file are relative to the working directory it is run from."""
+        def absolute(p: str) -> str:
+            return os.path.abspath(os.path.expanduser(p))
+
+        data = dataclasses.replace(
+            self.data, sources=[dataclasses.replace(s, path=absolute(s.path)) for s in self.data.sources]
+        )
+        return dataclasses.replace(
+            self, out_dir=absolute(self.out_dir), tokenizer=self.tokenizer and absolute(self.tokenizer), data=data
+        )
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "run config") -> RunConfig:
