@@ -19,9 +19,10 @@ def main(argv=None) -> int:
     import numpy as np
 
     from effilm.config.data import DataConfig, TokenizeConfig, TokenizerTrainConfig
-    from effilm.data import StagedLoader, tokenize_files
+    from effilm.data.loader import StagedLoader
+    from effilm.data.shards import tokenize_files
+    from effilm.data.tokenizer import train_tokenizer
     from effilm.io import atomic_write_json
-    from effilm.tokenizer import train_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--docs", type=int, default=20000, help="documents in the synthetic corpus")

@@ -8,7 +8,7 @@ random weights, exported with ``effilm.save_hf`` so both libraries load the same
 1. single sequence: time to first token (a 1-token generation: prefill plus one sample) and decode
    tokens/s (the tokens after the first, over the time after the first), greedy, EOS disabled so
    every run makes exactly ``--new-tokens`` tokens. The arms are effilm fp32, effilm int8 (RTN,
-   per-channel, ``effilm.quantize``), transformers fp32, and, when llama_cpp is importable,
+   per-channel, ``effilm.quant.quantize``), transformers fp32, and, when llama_cpp is importable,
    llama.cpp on the model's GGUF export (f32 and q8_0, with a tokenizer trained here so llama.cpp
    loads it). Runs are interleaved and the median of ``--repeats`` is reported; every "vs HF"
    ratio is against transformers fp32 on the same model in the same run;
@@ -17,7 +17,7 @@ random weights, exported with ``effilm.save_hf`` so both libraries load the same
    sequence at a time, so llama.cpp has no batched rows).
 
 ``--model DIR`` benchmarks any model directory instead (an effilm checkpoint, an HF directory, or
-whatever ``effilm.checkpoint.load`` reads, quantized checkpoints included): transformers runs on
+whatever ``effilm.formats.checkpoint.load`` reads, quantized checkpoints included): transformers runs on
 it when it is an HF directory or when ``effilm.save_hf`` can export it, else its rows are skipped.
 Repeat ``--model`` for several rows (e.g. fp32 and int8). ``--no-int8`` / ``--no-llama-cpp`` drop
 those arms.
@@ -41,7 +41,7 @@ def _tiny_models(root: Path, hidden: int, layers: int, vocab: int) -> list[tuple
     export, which llama.cpp's llama graph runs without a window, is exact)."""
     import effilm
     from effilm.config import ModelConfig, MoEConfig
-    from effilm.model import build_model
+    from effilm.models.transformer import build_model
 
     heads = max(2, hidden // 32)
     common = dict(vocab_size=vocab, d_model=hidden, n_layers=layers, n_heads=heads, n_kv_heads=heads // 2,
@@ -65,7 +65,7 @@ def _tokenizer(root: Path, vocab: int) -> Path:
     """A byte-level BPE of exactly ``vocab`` tokens (trained on effilm's own source), which the
     GGUF export embeds so llama.cpp can load the model; the benchmark itself feeds token ids."""
     from effilm.config.data import TokenizerTrainConfig
-    from effilm.tokenizer import train_tokenizer
+    from effilm.data.tokenizer import train_tokenizer
 
     src = Path(__file__).resolve().parents[1] / "src" / "effilm"
     text = root / "tokenizer-corpus.txt"
@@ -81,7 +81,7 @@ def _llama_cpp(model, tok_dir: Path | None, out: Path, n_ctx: int) -> dict:
     except ImportError:
         print("  llama.cpp rows skipped: llama_cpp is not importable (pip install llama-cpp-python)")
         return {}
-    from effilm.gguf_export import export_gguf
+    from effilm.formats.gguf import export_gguf
 
     runners = {}
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def _hf_model(path: Path, tmp: Path, model):
     """transformers' model for ``path``: the directory itself if HF, else an export, else None."""
     import transformers
 
-    from effilm.checkpoint import is_effilm_dir
+    from effilm.formats.checkpoint import is_effilm_dir
 
     src = path
     if is_effilm_dir(path):
@@ -139,7 +139,7 @@ def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def _run_effilm(engine, prompts, new_tokens: int) -> float:
-    from effilm.engine import SamplingParams
+    from effilm.inference.engine import SamplingParams
 
     t = time.perf_counter()
     out = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens))
@@ -167,7 +167,7 @@ def _run_hf(hf, prompts, new_tokens: int) -> float:
 
 
 def _engine(model):
-    from effilm.engine import Engine
+    from effilm.inference.engine import Engine
 
     engine = Engine(model, None, eos_ids=())
     engine.eos_ids = frozenset()  # token-id benchmark: never stop early
@@ -176,7 +176,7 @@ def _engine(model):
 
 def bench_model(label: str, path: Path, tmp: Path, args, tok_dir: Path | None = None, extra_arms: bool = False) -> list[dict]:
     """Rows for one model; ``extra_arms`` (the default tiny models) adds effilm int8 and llama.cpp."""
-    from effilm.checkpoint import load
+    from effilm.formats.checkpoint import load
 
     model = load(path)
     hf = None if args.no_hf else _hf_model(path, tmp, model)
@@ -185,7 +185,7 @@ def bench_model(label: str, path: Path, tmp: Path, args, tok_dir: Path | None = 
     runners = {"effilm": lambda p, n: _run_effilm(engine, p, n)}
     batched = dict(runners)
     if extra_arms and not args.no_int8:
-        from effilm.quantize import QuantConfig, quantize_model
+        from effilm.quant.quantize import QuantConfig, quantize_model
 
         q_engine = _engine(quantize_model(load(path), QuantConfig(bits=8))[0])
         runners["effilm int8"] = batched["effilm int8"] = lambda p, n: _run_effilm(q_engine, p, n)

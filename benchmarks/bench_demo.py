@@ -22,8 +22,8 @@ from pathlib import Path
 def _summaries(args) -> list[dict]:
     if args.summaries:
         return [json.loads((Path(d) / "summary.json").read_text()) for d in args.summaries]
-    from effilm.demo import run_pipeline
-    from effilm.demo_config import DemoConfig
+    from effilm.demo.config import DemoConfig
+    from effilm.demo.run import run_pipeline
 
     out = []
     for seed in args.seeds:

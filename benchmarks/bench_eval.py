@@ -28,8 +28,8 @@ def bench_eval(n_test: int, shots: int, hidden: int, layers: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from effilm.evaluate import EvalConfig, score_task
-    from effilm.tasks import load_task
+    from effilm.eval.scoring import EvalConfig, score_task
+    from effilm.eval.tasks import load_task
     from eval_fixtures import SUBJECTS, hf_tokenizer, make_mmlu_dir, train_tokenizer
     from harness_reference import evaluate as ref_evaluate
 
@@ -58,7 +58,7 @@ def bench_eval(n_test: int, shots: int, hidden: int, layers: int) -> dict:
 
 
 def mmlu_sized_items(n: int, seed: int):
-    from effilm.tasks import Item, Task
+    from effilm.eval.tasks import Item, Task
 
     rng = random.Random(seed)
     vocab = [f"{a}{b}" for a in ("pro", "con", "de", "re", "in", "ex", "sub", "trans") for b in
@@ -74,8 +74,8 @@ def mmlu_sized_items(n: int, seed: int):
 
 
 def bench_decontam(corpus_mb: float) -> dict:
-    from effilm.decontam import DecontamConfig
-    from effilm.decontam_scan import find_contamination
+    from effilm.eval.decontam import DecontamConfig
+    from effilm.eval.decontam_scan import find_contamination
 
     rng = random.Random(1)
     words = "the of and to in a is that for it as was with be by on not he this are or his from at".split()

@@ -25,9 +25,9 @@ def run(n_test: int, shots: int, preset: str, threads: int) -> dict:
     import torch
 
     from effilm.config.model import ModelConfig
-    from effilm.evaluate import EvalConfig, perplexity, score_task
-    from effilm.model import build_model
-    from effilm.tasks import load_task
+    from effilm.eval.scoring import EvalConfig, perplexity, score_task
+    from effilm.eval.tasks import load_task
+    from effilm.models.transformer import build_model
     from eval_fixtures import SUBJECTS, make_mmlu_dir, train_tokenizer
 
     torch.set_num_threads(threads)

@@ -1,10 +1,10 @@
 """One MoE layer against the dense floor and transformers' experts, forward and forward+backward.
 
 Arms, timed in one process, interleaved (the order rotates every repeat), median of the repeats:
-- effilm_fast: ``effilm.moe.experts_sorted`` with the kernel ``impl='auto'`` picks
+- effilm_fast: ``effilm.models.moe.experts_sorted`` with the kernel ``impl='auto'`` picks
   (``prefers_grouped_mm``: grouped_mm on CUDA and in fp32 on CPU);
 - effilm_loop: the same with the per-expert loop kernel (hand-written backward) forced;
-- effilm_reference: ``effilm.moe.experts_reference``;
+- effilm_reference: ``effilm.models.moe.experts_reference``;
 - hf_eager, hf_batched_mm, hf_grouped_mm: transformers 5.x ``MixtralExperts`` with
   ``config._experts_implementation`` set to each (the ``@use_experts_implementation`` dispatch);
 - dense_floor: a dense SwiGLU MLP over T*K rows of width F, the same active FLOPs with no routing.
@@ -62,8 +62,8 @@ def build_arm(arm, case, K):
     import torch
     import torch.nn.functional as F
 
-    from effilm.moe import experts_reference, experts_sorted
-    from effilm.moe_kernels import prefers_grouped_mm
+    from effilm.models.moe import experts_reference, experts_sorted
+    from effilm.models.moe_kernels import prefers_grouped_mm
 
     x0, w_gu0, w_d0 = case["x"], case["w_gu"], case["w_d"]
     ids, w0, grad_out = case["topk_ids"], case["topk_w"], case["grad_out"]

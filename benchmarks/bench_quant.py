@@ -5,7 +5,7 @@
    something; held-out text is the tests/ directory (never trained on).
 2. For RTN int8, RTN int4 (g32, sym and asym) and GPTQ int4 (g32): stored weight bytes, peak RSS of
    a fresh process loading the checkpoint and running a forward, perplexity before/after, greedy
-   agreement with fp32, and the largest weight error per layer (effilm.quant_report).
+   agreement with fp32, and the largest weight error per layer (effilm.quant.report).
 3. If llama_cpp is importable: single-sequence greedy decode tokens/s of the GGUF export (f32,
    q8_0, q4_0) next to effilm's own KV-cached greedy loop (fp32 and int8), same prompt, one thread.
 
@@ -81,14 +81,14 @@ def main() -> int:
 
     import torch
 
-    from effilm.checkpoint import load, save
     from effilm.config.data import TokenizerTrainConfig
     from effilm.config.model import ModelConfig
+    from effilm.data.tokenizer import load_tokenizer, train_tokenizer
+    from effilm.formats.checkpoint import load, save
     from effilm.io import atomic_write_json
-    from effilm.model import build_model
-    from effilm.quant_report import build_report, format_report, windows
-    from effilm.quantize import QuantConfig, quantize_model, save_quantized
-    from effilm.tokenizer import load_tokenizer, train_tokenizer
+    from effilm.models.transformer import build_model
+    from effilm.quant.quantize import QuantConfig, quantize_model, save_quantized
+    from effilm.quant.report import build_report, format_report, windows
 
     torch.set_num_threads(1)
     steps, eval_tokens, seq = (30, 2048, 128) if args.quick else (300, 16384, 128)
@@ -124,7 +124,7 @@ def main() -> int:
         try:
             import llama_cpp  # noqa: F401
 
-            from effilm.gguf_export import export_gguf
+            from effilm.formats.gguf import export_gguf
 
             for qt in ("f32", "q8_0", "q4_0"):
                 path = export_gguf(model, work / preset / f"m-{qt}.gguf", qt, work / "tok")

@@ -58,7 +58,7 @@ def burst(srv, n: int, max_tokens: int, served: str) -> dict:
 
 
 def main(argv=None) -> int:
-    from effilm.checkpoint import save
+    from effilm.formats.checkpoint import save
     from effilm.io import atomic_write_json
     from engine_fixtures import add_tokenizer, make_tokenizer, tiny
     from serve_harness import ServerProcess

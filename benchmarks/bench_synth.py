@@ -68,7 +68,7 @@ def bench_openai(n: int, latency: float, levels=(1, 8, 32)) -> list[dict]:
 def bench_dedup(n: int) -> list[dict]:
     from datasketch import MinHash, MinHashLSH
 
-    from effilm.dedup import DedupConfig, dedup_records, normalize, shingles
+    from effilm.data.dedup import DedupConfig, dedup_records, normalize, shingles
     from effilm.synth import procedural
 
     docs = [(r["id"], r) for r in procedural.generate_corpus(n, 200, seed=1)]

@@ -1,10 +1,10 @@
 """Training throughput: effilm's training step against transformers' on the same model and batch.
 
 A tiny Phi-3-style dense model and a tiny Mixtral-style MoE model are built in effilm, exported with
-``effilm.hf.save_hf`` and loaded by transformers (``Phi3ForCausalLM``, ``MixtralForCausalLM``), so
+``effilm.formats.hf.save_hf`` and loaded by transformers (``Phi3ForCausalLM``, ``MixtralForCausalLM``), so
 both sides train the same architecture from the same weights. One step is forward + loss (with the
 MoE auxiliary loss on both sides) + backward + gradient clipping + AdamW, on ``batch x seq``
-tokens. effilm's step is the trainer's own code (``effilm.train.micro_loss``). For the MoE model
+tokens. effilm's step is the trainer's own code (``effilm.train.loop.micro_loss``). For the MoE model
 transformers' eager and grouped_mm experts implementations are timed (batched_mm gathers a
 weight matrix per assignment, several GiB at these sizes, and is left out).
 
@@ -48,7 +48,7 @@ def model_configs(quick: bool) -> dict:
 def effilm_step_fn(model, opt, tokens, clip):
     import torch
 
-    from effilm.train import micro_loss
+    from effilm.train.loop import micro_loss
 
     batch = SimpleNamespace(tokens=tokens, doc_ids=None)
     n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
@@ -113,8 +113,8 @@ def bench_model(name: str, cfg, arch: str, batch: int, seq: int, rounds: int, st
     import torch
     from transformers import AutoModelForCausalLM
 
-    from effilm.hf import save_hf
-    from effilm.model import build_model
+    from effilm.formats.hf import save_hf
+    from effilm.models.transformer import build_model
 
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
     arms = {}

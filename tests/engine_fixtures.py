@@ -13,7 +13,7 @@ VOCAB = 384  # model vocabulary: the 320-token tokenizer (chat tokens included) 
 
 def make_tokenizer(root: Path, chat_template: bool = True) -> Path:
     from effilm.config.data import TokenizerTrainConfig
-    from effilm.tokenizer import train_tokenizer
+    from effilm.data.tokenizer import train_tokenizer
 
     rng = random.Random(0)
     corpus = root / "corpus.txt"
@@ -31,7 +31,7 @@ def add_tokenizer(model_dir: Path, tok_dir: Path) -> Path:
 def tiny(name: str, seed: int = 0, **over):
     """A tiny preset model (float32, eval mode) with the test vocabulary."""
     from effilm.config import ModelConfig
-    from effilm.model import build_model
+    from effilm.models.transformer import build_model
 
     over.setdefault("vocab_size", VOCAB)
     return build_model(ModelConfig.from_name(name, **over), seed=seed).eval()

@@ -10,8 +10,8 @@ import sys
 import torch
 
 from effilm.config import ModelConfig
-from effilm.model import build_model
-from effilm.parallel import apply_expert_parallel, apply_fsdp, full_state_dict, init_distributed
+from effilm.models.transformer import build_model
+from effilm.train.parallel import apply_expert_parallel, apply_fsdp, full_state_dict, init_distributed
 
 
 def main(out_dir: str) -> None:

@@ -11,8 +11,8 @@ import os
 import torch
 
 from effilm.config import ModelConfig
-from effilm.moe import MoE, experts_sorted
-from effilm.parallel import (
+from effilm.models.moe import MoE, experts_sorted
+from effilm.train.parallel import (
     all_reduce_routing_stats,
     apply_expert_parallel,
     apply_fsdp,
@@ -149,7 +149,7 @@ def _loss(model, batch, dist=None):
 
 def _grad_diffs(model, ref_grads: dict, dist) -> dict:
     """Per parameter: the wrapped model's full gradient vs the reference's (rank 0; a collective)."""
-    from effilm.parallel import _ep_keys, _gather_full
+    from effilm.train.parallel import _ep_keys, _gather_full
 
     ep = _ep_keys(model)
     out = {}
@@ -167,9 +167,9 @@ def _optimizer(model):
 
 
 def train_worker(rank: int, world: int, port: int, out_path: str, preset: str, ep: bool, steps: int) -> None:
-    from effilm.checkpoint import model_state
-    from effilm.model import build_model
-    from effilm.parallel import Dist
+    from effilm.formats.checkpoint import model_state
+    from effilm.models.transformer import build_model
+    from effilm.train.parallel import Dist
 
     dist = setup(rank, world, port)
     try:

@@ -1,6 +1,6 @@
 """Helpers for the server tests: a tiny model directory, a server subprocess, an SSE reader.
 
-Run as a script, this file serves a model through ``effilm.serve.serve`` with an engine whose
+Run as a script, this file serves a model through ``effilm.serve.app.serve`` with an engine whose
 steps are slowed down (``--step-delay S``), so tests of queueing, disconnects and shutdown see
 requests still running when they act. Everything else is the real engine and the real server.
 """
@@ -25,7 +25,7 @@ MAX_CONTEXT = 256
 
 def make_model_dir(root: Path) -> Path:
     """A tiny dense model plus a real BPE tokenizer (with a chat template), saved as ROOT/tiny."""
-    from effilm.checkpoint import save
+    from effilm.formats.checkpoint import save
     from engine_fixtures import add_tokenizer, make_tokenizer, tiny
 
     tok = make_tokenizer(root)
@@ -121,8 +121,8 @@ def main(argv: list[str]) -> int:
     import argparse
     import dataclasses
 
-    from effilm.engine import Engine
-    from effilm.serve import ServeConfig, serve
+    from effilm.inference.engine import Engine
+    from effilm.serve.app import ServeConfig, serve
 
     p = argparse.ArgumentParser()
     p.add_argument("--step-delay", type=float, required=True)

@@ -6,7 +6,7 @@ import torch
 import effilm
 from effilm.config import ModelConfig
 from effilm.errors import CheckpointError
-from effilm.model import build_model
+from effilm.models.transformer import build_model
 
 
 def test_save_load_round_trip(tmp_path):
@@ -26,7 +26,7 @@ def test_atomic_save_leaves_old_checkpoint_on_failure(tmp_path, monkeypatch):
     cfg = ModelConfig.from_name("tiny-dense", vocab_size=300)
     effilm.save(build_model(cfg, seed=1), tmp_path / "ck")
     before = (tmp_path / "ck" / "model.safetensors").read_bytes()
-    import effilm.checkpoint as ck
+    import effilm.formats.checkpoint as ck
 
     def boom(*a, **k):
         raise OSError("disk full")

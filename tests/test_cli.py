@@ -49,7 +49,7 @@ def test_bad_input_is_one_clear_line():
 def test_convert_both_ways(tmp_path):
     import effilm as api
     from effilm.config import ModelConfig
-    from effilm.model import build_model
+    from effilm.models.transformer import build_model
 
     model = build_model(ModelConfig.from_name("tiny-moe", vocab_size=150), seed=3)
     api.save(model, tmp_path / "ck")

@@ -4,7 +4,7 @@ import torch
 from effilm.config import ModelConfig, MoEConfig, preset_names
 from effilm.config.cost import cost_summary, num_active_params, num_params
 from effilm.errors import ConfigError
-from effilm.model import Transformer
+from effilm.models.transformer import Transformer
 
 PUBLISHED = {  # preset: (total, active) from the published models
     "arctic": (478.6e9, 17.32e9),

@@ -11,9 +11,9 @@ import pytest
 
 from effilm.cli import main
 from effilm.config.data import TokenizeConfig, TokenizerTrainConfig
-from effilm.data import TokenDataset, iter_documents, tokenize_files
+from effilm.data.shards import TokenDataset, iter_documents, tokenize_files
+from effilm.data.tokenizer import load_tokenizer, train_tokenizer
 from effilm.errors import EffilmError
-from effilm.tokenizer import load_tokenizer, train_tokenizer
 
 WORDS = "alpha beta gamma delta river stone tree cloud fox dog cat mat quick brown lazy".split()
 

@@ -11,9 +11,10 @@ import tomllib
 import torch
 
 from effilm.config.data import DataConfig, SourceConfig, StageConfig, TokenizeConfig, TokenizerTrainConfig
-from effilm.data import StagedLoader, TokenDataset, block_causal_mask, pack_documents, tokenize_files
+from effilm.data.loader import StagedLoader, block_causal_mask, pack_documents
+from effilm.data.shards import TokenDataset, tokenize_files
+from effilm.data.tokenizer import train_tokenizer
 from effilm.errors import ConfigError, EffilmError
-from effilm.tokenizer import train_tokenizer
 from train_fixtures import docs as _docs
 from train_fixtures import write_jsonl as _jsonl
 

@@ -9,9 +9,16 @@ import random
 import numpy as np
 
 from effilm.cli import main
-from effilm.decontam import DecontamConfig, NgramIndex, clean_text, hash_batch, items_from_tasks, normalize
-from effilm.decontam_scan import find_contamination
-from effilm.tasks import Item, Task
+from effilm.eval.decontam import (
+    DecontamConfig,
+    NgramIndex,
+    clean_text,
+    hash_batch,
+    items_from_tasks,
+    normalize,
+)
+from effilm.eval.decontam_scan import find_contamination
+from effilm.eval.tasks import Item, Task
 
 VOCAB = ("photosynthesis chlorophyll enzyme substrate mitochondria membrane osmosis diffusion protein "
          "nucleus ribosome genome allele mutation species habitat predator climate glacier tectonic "
@@ -146,7 +153,7 @@ def test_items_shorter_than_n_are_matched_whole():
     task = Task("t", "jsonl", "jsonl:t", items=[short, *make_bench(3).items])
     idx = NgramIndex(items_from_tasks([task]), DecontamConfig())
     assert idx.short_lengths == [8] and idx.checked.all()  # 8 question words + the answer: 9 < 13
-    from effilm.decontam import scan_texts
+    from effilm.eval.decontam import scan_texts
 
     texts = [FILLER + "NAME the enzyme, that unwinds the DNA helix: helicase! " + FILLER,
              FILLER + "the dna enzyme that unwinds: name the helix " + FILLER]  # same words, no 8 in a row
@@ -168,7 +175,7 @@ def test_index_of_15000_items_finds_every_planted_item():
              for i in range(15000)]
     idx = NgramIndex(items_from_tasks([Task("t", "jsonl", "jsonl:t", items=items)]), DecontamConfig())
     assert idx.checked.all()
-    from effilm.decontam import scan_texts
+    from effilm.eval.decontam import scan_texts
 
     picks = [17, 7777, 14999]
     texts = [FILLER + items[i].question + FILLER for i in picks] + [FILLER * 4]

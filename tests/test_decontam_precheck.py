@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from effilm.decontam import DecontamConfig
-from effilm.decontam_scan import precheck, source_files
 from effilm.errors import EffilmError
+from effilm.eval.decontam import DecontamConfig
+from effilm.eval.decontam_scan import precheck, source_files
 from eval_fixtures import make_mmlu_dir, train_tokenizer
 
 CFG = DecontamConfig(n=5)
@@ -26,7 +26,7 @@ def bench(tmp_path_factory):
 
 
 def tokenize(src_files, tok_dir, out):
-    from effilm.data_shards import tokenize_files
+    from effilm.data.shards import tokenize_files
 
     tokenize_files([str(f) for f in src_files], tok_dir, out)
     return out
@@ -49,8 +49,8 @@ def test_planted_leak_in_a_token_dataset_is_an_error_naming_file_and_item(bench,
     assert [h["location"] for h in summary["hits"]] == [f"{dirty}:5"]  # the third paragraph starts on line 5
     assert summary["files"] == [str(clean), str(dirty)] and not summary["clean"]
     # the summary doubles as `effilm eval`'s corpus report: contamination beside each score
-    from effilm.eval_report import contamination_for
-    from effilm.tasks import load_task
+    from effilm.eval.report import contamination_for
+    from effilm.eval.tasks import load_task
 
     cont = contamination_for(load_task(bench["spec"]), summary)
     assert cont == {"contaminated": 1, "items": 12, "contaminated_ids": ["high_school_physics/3"]}

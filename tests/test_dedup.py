@@ -8,7 +8,7 @@ import random
 import pytest
 
 from effilm.cli import main
-from effilm.dedup import DedupConfig, dedup_files, normalize
+from effilm.data.dedup import DedupConfig, dedup_files, normalize
 from effilm.errors import EffilmError
 
 VOCAB = [a + b + c for a in "bcdfg" for b in "aeiou" for c in "klmnprst"]  # 200 words, no digits: digits normalise to 0

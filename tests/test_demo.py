@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from effilm.demo import STAGES, missing_modules, run_pipeline
-from effilm.demo_config import MODEL_NAMES, DemoConfig
-from effilm.demo_notes import build_notes
+from effilm.demo.config import MODEL_NAMES, DemoConfig
+from effilm.demo.notes import build_notes
+from effilm.demo.run import STAGES, missing_modules, run_pipeline
 from effilm.errors import ConfigError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -130,8 +130,8 @@ def test_quick_eval_matches_the_reports(quick):
 
 def test_quick_hooks_are_skipped_visibly(quick):
     _, stdout, s = quick
-    for hook, modules in (("ship", ["effilm.quantize", "effilm.gguf_export", "effilm.engine"]),
-                          ("report", ["effilm.report", "effilm.plots"])):
+    for hook, modules in (("ship", ["effilm.quant.quantize", "effilm.formats.gguf", "effilm.inference.engine"]),
+                          ("report", ["effilm.reports.render", "effilm.reports.plots"])):
         missing = missing_modules(modules)
         if missing:
             assert s[hook] == {"status": "not available", "missing": missing}
@@ -198,7 +198,7 @@ def test_relative_out_with_dotdot_and_spaces(tmp_path):
 
 
 def test_missing_modules():
-    assert missing_modules(["effilm.demo", "effilm.no_such_module", "no_such_pkg.sub"]) == [
+    assert missing_modules(["effilm.demo.run", "effilm.no_such_module", "no_such_pkg.sub"]) == [
         "effilm.no_such_module", "no_such_pkg.sub"]
 
 

@@ -7,10 +7,10 @@ import torch
 
 import effilm
 from effilm.cli import build_parser, main
-from effilm.engine import Engine, SamplingParams
+from effilm.data.tokenizer import load_tokenizer
 from effilm.errors import ConfigError, EffilmError
-from effilm.sampling import LogitsPipeline
-from effilm.tokenizer import load_tokenizer
+from effilm.inference.engine import Engine, SamplingParams
+from effilm.inference.sampling import LogitsPipeline
 from engine_fixtures import add_tokenizer, make_tokenizer, tiny
 
 PROMPTS = ["the cat sat", "river stone bright garden number seven equals", "a", "blue house tree"]
@@ -80,8 +80,8 @@ def test_batched_greedy_equals_one_at_a_time(name, tok):
     ("tiny-dense", {"sliding_window": 6}), ("tiny-dense", {"head_dim": 32, "rope_partial_factor": 0.5}),
 ])  # fmt: skip
 def test_fast_steps_equal_the_model_forward(name, over):
-    """effilm.decode's inference steps against Transformer.forward: same logits, same tokens."""
-    from effilm.decode import decode_step, prefill
+    """effilm.inference.decode's inference steps against Transformer.forward: same logits, same tokens."""
+    from effilm.inference.decode import decode_step, prefill
 
     model = tiny(name, **LIVELY, **over)
     fast, plain = Engine(model, None), Engine(model, None, fast=False)
@@ -172,7 +172,7 @@ def test_stop_strings_and_streaming(dense_engine):
 
 
 def test_incremental_detokenisation_holds_back_partial_characters_and_stop_prefixes(tok):
-    from effilm.engine import _Detok
+    from effilm.inference.engine import _Detok
 
     text = "the café sat on 日本 mat ünïcode END tail"
     ids = tok.encode(text)
@@ -383,8 +383,8 @@ def test_cpu_layout_keeps_values_ties_and_tokens(name, tmp_path):
     head stays tied), same tokens as an engine on an untouched copy, and a checkpoint still saves."""
     import copy
 
-    from effilm.checkpoint import load, save
-    from effilm.decode import use_cpu_layout
+    from effilm.formats.checkpoint import load, save
+    from effilm.inference.decode import use_cpu_layout
 
     model = tiny(name, init_std=0.08)
     untouched = copy.deepcopy(model)
@@ -413,8 +413,8 @@ def test_cpu_layout_keeps_values_ties_and_tokens(name, tmp_path):
 def test_fast_steps_run_int8_models(name):
     """An int8 (per-channel) quantized model takes the fast steps too (the chosen experts' codes are
     read directly) and gives the tokens and logits of its own Transformer.forward."""
-    from effilm.decode import decode_step, prefill
-    from effilm.quantize import QuantConfig, quantize_model
+    from effilm.inference.decode import decode_step, prefill
+    from effilm.quant.quantize import QuantConfig, quantize_model
 
     model, _ = quantize_model(tiny(name, **LIVELY), QuantConfig(bits=8))
     fast, plain = Engine(model, None), Engine(model, None, fast=False)

@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from effilm.config.model import ModelConfig  # noqa: E402
-from effilm.eval_cache import CachedScorer  # noqa: E402
-from effilm.evaluate import (  # noqa: E402
+from effilm.eval.cache import CachedScorer  # noqa: E402
+from effilm.eval.scoring import (  # noqa: E402
     BatchScorer,
     EvalConfig,
     Group,
@@ -20,8 +20,8 @@ from effilm.evaluate import (  # noqa: E402
     perplexity,
     score_task,
 )
-from effilm.model import build_model  # noqa: E402
-from effilm.tasks import load_task  # noqa: E402
+from effilm.eval.tasks import load_task  # noqa: E402
+from effilm.models.transformer import build_model  # noqa: E402
 from eval_fixtures import make_mmlu_dir, train_tokenizer  # noqa: E402
 
 SMALL = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=1024, tie_embeddings=False)
@@ -115,7 +115,7 @@ def test_sliding_window_model_through_the_cache(setup):
 
 
 def test_effilm_tokenizer_adapter(setup, tmp_path):
-    from effilm.tokenizer import load_tokenizer
+    from effilm.data.tokenizer import load_tokenizer
 
     setup["tok"].save(str(tmp_path / "tokenizer.json"))
     eff = load_tokenizer(tmp_path)
@@ -150,8 +150,8 @@ def test_strided_perplexity_matches_direct_computation(setup):
 
 
 def test_cli_ppl_on_an_effilm_checkpoint(setup, tmp_path, capsys):
-    from effilm.checkpoint import save
     from effilm.cli import main
+    from effilm.formats.checkpoint import save
 
     model = effilm_model("tiny-dense", setup["vocab"])
     save(model, tmp_path / "ckpt")

@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import harness_reference as ref  # noqa: E402
-from effilm.eval_report import aggregate, format_table, mean_stderr, run_evaluation  # noqa: E402
-from effilm.evaluate import BatchScorer, EvalConfig, Group, TokenizerAdapter, encode_pair, score_task  # noqa: E402
-from effilm.tasks import load_task  # noqa: E402
+from effilm.eval.report import aggregate, format_table, mean_stderr, run_evaluation  # noqa: E402
+from effilm.eval.scoring import BatchScorer, EvalConfig, Group, TokenizerAdapter, encode_pair, score_task  # noqa: E402
+from effilm.eval.tasks import load_task  # noqa: E402
 from eval_fixtures import hf_tokenizer, make_mmlu_dir, tiny_llama, train_tokenizer  # noqa: E402
 
 
@@ -151,7 +151,7 @@ def test_perplexity_matches_direct_computation(setup, tmp_path):
 
 def test_cli_eval_with_corpus_report(setup, tmp_path, capsys):
     from effilm.cli import main
-    from effilm.decontam_scan import find_contamination
+    from effilm.eval.decontam_scan import find_contamination
 
     model_dir = tmp_path / "model"
     setup["model"].save_pretrained(model_dir)
@@ -160,7 +160,7 @@ def test_cli_eval_with_corpus_report(setup, tmp_path, capsys):
     leaked = setup["tests"][2]
     leak = {"text": leaked["question"] + " " + leaked["choices"][leaked["answer"]]}
     (tmp_path / "corpus.jsonl").write_text(json.dumps(leak) + "\n")
-    from effilm.decontam import DecontamConfig
+    from effilm.eval.decontam import DecontamConfig
     from effilm.io import atomic_write_json
 
     rep = find_contamination([spec], [tmp_path / "corpus.jsonl"], DecontamConfig(n=5))

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from effilm.cli import main
+from effilm.data.filters import FilterConfig, check, filter_files
 from effilm.errors import ConfigError
-from effilm.filters import FilterConfig, check, filter_files
 
 GOOD = ("Rivers carry water from high ground to the sea. Along the way they shape valleys, "
         "feed farms and give towns their reason to exist. Engineers measure their flow in cubic metres per second.")

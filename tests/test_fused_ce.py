@@ -1,4 +1,4 @@
-"""effilm.fused_ce against the plain LM head + F.cross_entropy, and the trainer using it."""
+"""effilm.models.fused_ce against the plain LM head + F.cross_entropy, and the trainer using it."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from effilm.config.presets import get_preset
-from effilm.fused_ce import default_chunk, linear_cross_entropy
-from effilm.model import build_model
+from effilm.models.fused_ce import default_chunk, linear_cross_entropy
+from effilm.models.transformer import build_model
 
 
 def _plain(h, w, b, t, ignore_index=-100):

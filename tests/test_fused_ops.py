@@ -1,4 +1,4 @@
-"""effilm.fused_ops (hand-written backward passes) against autograd through the plain formulas."""
+"""effilm.models.fused_ops (hand-written backward passes) against autograd through the plain formulas."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import effilm.model
-import effilm.moe_kernels
+import effilm.models.moe_kernels
+import effilm.models.transformer
 from effilm.config import ModelConfig
-from effilm.fused_ops import rms_norm, rotary, signed_sin, swiglu, wants_fused
-from effilm.model import build_model
+from effilm.models.fused_ops import rms_norm, rotary, signed_sin, swiglu, wants_fused
+from effilm.models.transformer import build_model
 
 
 def _grads(fn, *inputs):
@@ -48,7 +48,7 @@ def test_rms_norm_bf16_input_keeps_the_plain_dtypes():
 
 
 def test_rotary_is_rope_and_its_backward_the_inverse_rotation():
-    from effilm.model import apply_rotary
+    from effilm.models.transformer import apply_rotary
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 7, 8, generator=gen, requires_grad=True)  # [B, H, T, hd]
@@ -94,7 +94,7 @@ def test_model_gradients_equal_the_plain_formulas(name, over, monkeypatch):
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     fused = run()
-    for mod in (effilm.model, effilm.moe_kernels):
+    for mod in (effilm.models.transformer, effilm.models.moe_kernels):
         monkeypatch.setattr(mod, "wants_fused", lambda *a: False)
     plain = run()
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)

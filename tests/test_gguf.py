@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from effilm.checkpoint import save
 from effilm.config.data import TokenizerTrainConfig
 from effilm.config.model import ModelConfig, MoEConfig
+from effilm.data.tokenizer import train_tokenizer
 from effilm.errors import EffilmError
-from effilm.gguf_export import export_gguf, gguf_tensors, permute_rotary, verify_gguf
-from effilm.model import apply_rotary, build_model
-from effilm.tokenizer import train_tokenizer
+from effilm.formats.checkpoint import save
+from effilm.formats.gguf import export_gguf, gguf_tensors, permute_rotary, verify_gguf
+from effilm.models.transformer import apply_rotary, build_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -90,7 +90,7 @@ def test_metadata_and_tokenizer(tmp_path, tok_dir):
     assert val("llama.attention.head_count_kv") == 2 and val("llama.feed_forward_length") == 64
     assert val("tokenizer.ggml.model") == "gpt2"
     tokens, types = val("tokenizer.ggml.tokens"), val("tokenizer.ggml.token_type")
-    from effilm.tokenizer import load_tokenizer
+    from effilm.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
     assert len(tokens) == len(types) == 320  # padded to the model's vocab

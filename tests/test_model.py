@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from effilm.config import ModelConfig
-from effilm.model import build_model
+from effilm.models.transformer import build_model
 
 
 def _cfg(name, **over):

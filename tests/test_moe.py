@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from effilm.config import MoEConfig
-from effilm.moe import MoE, capacity_keep_mask, load_balancing_loss
+from effilm.models.moe import MoE, capacity_keep_mask, load_balancing_loss
 
 
 def _moe(E, K, skew=False, **kw):
@@ -112,7 +112,7 @@ def test_router_runs_in_fp32_under_bf16():
     assert (ids16 == ids32).float().mean() > 0.9
 
 
-# ----- the fast kernels (effilm.moe_kernels) --------------------------------------------------
+# ----- the fast kernels (effilm.models.moe_kernels) --------------------------------------------------
 IMPLS = ["sorted", "grouped_mm"] if hasattr(torch.nn.functional, "grouped_mm") else ["sorted"]
 
 
@@ -154,7 +154,7 @@ def test_capacity_dropping_gradients_agree(K, one_thread):
 
 
 def test_loop_kernel_gradcheck_with_empty_experts_and_dropped_rows():
-    from effilm.moe import grouped_expert_ffn
+    from effilm.models.moe import grouped_expert_ffn
 
     torch.manual_seed(0)
     D, F_, E = 6, 4, 5

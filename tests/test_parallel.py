@@ -90,8 +90,8 @@ def test_fsdp_training_matches_single_process(tmp_path, preset, ep):
 
 # ----- single process: no launcher needed ------------------------------------------------------
 def test_single_process_dist_is_a_no_op(monkeypatch):
-    from effilm.model import build_model
-    from effilm.parallel import apply_expert_parallel, apply_fsdp, full_state_dict, init_distributed
+    from effilm.models.transformer import build_model
+    from effilm.train.parallel import apply_expert_parallel, apply_fsdp, full_state_dict, init_distributed
 
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
@@ -102,12 +102,12 @@ def test_single_process_dist_is_a_no_op(monkeypatch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert apply_fsdp(apply_expert_parallel(model, dist), dist) is model
     state = full_state_dict(model, dist)
-    assert "lm_head.weight" not in state  # tied: stored once, as effilm.checkpoint does
+    assert "lm_head.weight" not in state  # tied: stored once, as effilm.formats.checkpoint does
     assert all(torch.equal(state[k], before[k]) for k in state)
 
 
 def test_bad_launch_environment_is_a_clear_error(monkeypatch):
-    from effilm.parallel import init_distributed
+    from effilm.train.parallel import init_distributed
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -123,7 +123,7 @@ def test_bad_launch_environment_is_a_clear_error(monkeypatch):
 
 
 def test_experts_must_divide_evenly():
-    from effilm.expert_parallel import expert_slice
+    from effilm.train.expert_parallel import expert_slice
 
     assert expert_slice(8, 1, 2) == slice(4, 8)
     with pytest.raises(ConfigError, match="num_experts=8"):
@@ -131,10 +131,10 @@ def test_experts_must_divide_evenly():
 
 
 def test_load_full_state_dict_names_bad_tensors():
-    from effilm.checkpoint import model_state
     from effilm.errors import CheckpointError
-    from effilm.model import build_model
-    from effilm.parallel import Dist, load_full_state_dict
+    from effilm.formats.checkpoint import model_state
+    from effilm.models.transformer import build_model
+    from effilm.train.parallel import Dist, load_full_state_dict
 
     cfg = W._config("tiny-moe")
     model = build_model(cfg, seed=0)
@@ -150,8 +150,8 @@ def test_load_full_state_dict_names_bad_tensors():
 
 
 def test_optimizer_state_round_trips_by_name():
-    from effilm.model import build_model
-    from effilm.parallel import Dist, full_optim_state_dict, load_full_optim_state_dict
+    from effilm.models.transformer import build_model
+    from effilm.train.parallel import Dist, full_optim_state_dict, load_full_optim_state_dict
 
     cfg = W._config("tiny-dense")
     a, b = build_model(cfg, seed=0), build_model(cfg, seed=0)

@@ -9,8 +9,7 @@ import torch
 from effilm.cli import main
 from effilm.config.presets import get_preset
 from effilm.errors import ConfigError, EffilmError
-from effilm.plots import PlotConfig, draw_expert_load, ema, plot_compare, plot_runs
-from effilm.plots_data import (
+from effilm.reports.metrics import (
     active_flops_series,
     expert_loads,
     load_run,
@@ -20,6 +19,7 @@ from effilm.plots_data import (
     val_flops_series,
     val_series,
 )
+from effilm.reports.plots import PlotConfig, draw_expert_load, ema, plot_compare, plot_runs
 from plot_fixtures import LOG_EVERY, SEQ_LEN, TOKENS_PER_STEP, make_run, skewed_load, train_rec
 
 SMALL = PlotConfig(dpi=40)

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from effilm.checkpoint import load, save
 from effilm.config.model import ModelConfig
 from effilm.errors import ConfigError
-from effilm.model import build_model
-from effilm.quant_methods import HessianCollector, gptq_quantize
-from effilm.quantize import (
+from effilm.formats.checkpoint import load, save
+from effilm.models.transformer import build_model
+from effilm.quant.gptq import HessianCollector, gptq_quantize
+from effilm.quant.quantize import (
     QuantConfig,
     QuantExperts,
     QuantLinear,
@@ -196,7 +196,7 @@ def test_gptq_needs_calibration():
 def test_cli_quantize_writes_checkpoint_and_report(tmp_path, capsys):
     from effilm.cli import main
     from effilm.config.data import TokenizerTrainConfig
-    from effilm.tokenizer import train_tokenizer
+    from effilm.data.tokenizer import train_tokenizer
 
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
     lines = [" ".join(words[(i * j) % 10] for j in range(12)) for i in range(120)]

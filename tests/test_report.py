@@ -12,9 +12,9 @@ import torch
 
 from effilm.config.presets import get_preset
 from effilm.errors import ConfigError, EffilmError
-from effilm.plots import PlotConfig, plot_runs
-from effilm.report import model_cost_table, render_report
-from effilm.report_markup import format_cell, inline_html, is_quantity, text_html
+from effilm.reports.markup import format_cell, inline_html, is_quantity, text_html
+from effilm.reports.plots import PlotConfig, plot_runs
+from effilm.reports.render import model_cost_table, render_report
 from plot_fixtures import make_run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ def model_dir(tmp_path_factory):
 def engine(model_dir):
     import torch
 
-    from effilm.engine import Engine
+    from effilm.inference.engine import Engine
 
     torch.set_num_threads(1)
     return Engine.load(model_dir)
@@ -44,7 +44,7 @@ def server(model_dir):
 
 
 def greedy(engine, prompt, n: int):
-    from effilm.engine import SamplingParams
+    from effilm.inference.engine import SamplingParams
 
     return engine.generate([prompt], SamplingParams(max_new_tokens=n, temperature=0.0))[0]
 
@@ -88,7 +88,7 @@ def test_completion_equals_the_engine_and_counts_usage(server, engine):
 
 
 def test_sampling_parameters_reach_the_engine(server, engine):
-    from effilm.engine import SamplingParams
+    from effilm.inference.engine import SamplingParams
 
     body = {"model": SERVED, "prompt": "the garden", "max_tokens": 12, "temperature": 1.5, "top_k": 50, "seed": 7}
     texts = [post(server, "/completions", {**body, "seed": seed}).json()["choices"][0]["text"] for seed in (7, 7, 8)]

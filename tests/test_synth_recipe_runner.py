@@ -106,13 +106,13 @@ def test_local_backend_uses_the_generator_protocol(tmp_path):
 def test_local_backend_without_engine_is_a_clear_error(tmp_path, capsys):
     rc = main(["synth", "--backend", "local", "--out", str(tmp_path / "o"), "--limit", "2"])
     err = capsys.readouterr().err
-    assert rc == 2 and "error:" in err and ("effilm.engine" in err or "checkpoint" in err)
+    assert rc == 2 and "error:" in err and ("effilm.inference.engine" in err or "checkpoint" in err)
     recipe = tmp_path / "r.toml"
     recipe.write_text('backend = "local"\ntopics = ["x"]\nvocabulary = ["a", "b", "c"]\n'
                       '[[audiences]]\nid = "a"\ninstruction = "A."\n[[styles]]\nid = "s"\ninstruction = "S."\n'
                       '[[kinds]]\nid = "k"\ninstruction = "K {topic}."\n[local]\ncheckpoint = "ckpt"\n')
     assert main(["synth", str(recipe), "--out", str(tmp_path / "o2")]) == 2
-    assert "ckpt" in capsys.readouterr().err  # effilm.engine now exists: the missing checkpoint is named
+    assert "ckpt" in capsys.readouterr().err  # effilm.inference.engine now exists: the missing checkpoint is named
 
 
 def test_cli_synth_help_and_dry_run(tmp_path, capsys):

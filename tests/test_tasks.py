@@ -7,7 +7,7 @@ import json
 import pytest
 
 from effilm.errors import ConfigError, EffilmError
-from effilm.tasks import TaskConfig, load_task, parse_spec, subject_from_filename
+from effilm.eval.tasks import TaskConfig, load_task, parse_spec, subject_from_filename
 from eval_fixtures import make_mmlu_dir, write_csv
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from effilm.cli import main
 from effilm.config.data import TokenizerTrainConfig
+from effilm.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 from effilm.errors import ConfigError, EffilmError
-from effilm.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 
 SAMPLES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -81,7 +81,7 @@ def test_autotokenizer_loads_and_agrees(tok_dir):
 
 def test_load_does_not_import_transformers(tok_dir):
     code = (
-        "import sys; from effilm.tokenizer import load_tokenizer; "
+        "import sys; from effilm.data.tokenizer import load_tokenizer; "
         f"t = load_tokenizer({str(tok_dir)!r}); assert t.decode(t.encode('hello')) == 'hello'; "
         "print('transformers' in sys.modules)"
     )

@@ -24,8 +24,8 @@ from effilm.config.run import (
     read_run_file,
 )
 from effilm.errors import ConfigError, EffilmError
-from effilm.optim import make_schedule, param_groups
-from effilm.train import TrainingError, train
+from effilm.train.loop import TrainingError, train
+from effilm.train.optim import make_schedule, param_groups
 from train_fixtures import make_data, write_run
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -80,7 +80,7 @@ def test_misspelt_key_in_file_names_it(data, tmp_path):
 # ----- optimizer and schedule ---------------------------------------------------------------------------
 def test_param_groups_exclude_norms_biases_embeddings():
     from effilm.config.model import ModelConfig
-    from effilm.model import build_model
+    from effilm.models.transformer import build_model
 
     model = build_model(ModelConfig.from_name("tiny-arctic", vocab_size=64, d_model=32, n_heads=4, n_kv_heads=2,
                                               ffn_dim=64, residual_ffn_dim=32, n_layers=1, lm_head_bias=True))
@@ -129,7 +129,7 @@ def test_train_moe_run_metrics_checkpoints_and_final(data, tmp_path):
     state = json.loads((res.run_dir / "checkpoints/step-00000008/trainer_state.json").read_text())
     assert state["schema_version"] == 1 and state["step"] == 8 and state["loader"]["step"] == 8
     # the final model is a plain checkpoint with its tokenizer, and equals the last checkpoint
-    from effilm.checkpoint import load
+    from effilm.formats.checkpoint import load
 
     model = load(res.final_dir)
     assert (res.final_dir / "tokenizer.json").is_file()
@@ -223,7 +223,7 @@ def test_sigterm_checkpoints_and_stops_cleanly(data, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "stopped by SIGTERM" in out and "--resume" in out
-    from effilm.train_state import latest_valid
+    from effilm.train.state import latest_valid
 
     path, state = latest_valid(run)
     assert state["step"] >= 2 and not (run / "final").exists()
@@ -254,7 +254,7 @@ def test_leftovers_of_a_crash_are_cleaned_on_resume(data, tmp_path):
 
 # ----- failure handling --------------------------------------------------------------------------------
 def test_nan_guard_stop_and_skip(data, tmp_path, monkeypatch):
-    import effilm.train as tr
+    import effilm.train.loop as tr
 
     real = tr.micro_loss
     calls = {"n": 0}
@@ -270,7 +270,7 @@ def test_nan_guard_stop_and_skip(data, tmp_path, monkeypatch):
     cfg = _cfg(data, tmp_path / "nan")
     with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step 5.*step-00000003.*untouched"):
         train(cfg)
-    from effilm.train_state import latest_valid
+    from effilm.train.state import latest_valid
 
     path, state = latest_valid(Path(cfg.out_dir))
     assert state["step"] == 3
@@ -302,7 +302,7 @@ def test_bad_input_fails_before_training(data, tmp_path, problem):
         match = r"vocab"
     else:
         from effilm.config.data import TokenizerTrainConfig
-        from effilm.tokenizer import train_tokenizer
+        from effilm.data.tokenizer import train_tokenizer
 
         other = train_tokenizer([root / "syn.jsonl"], root / "tok2", TokenizerTrainConfig(vocab_size=290))
         overrides = [f"tokenizer={other}"]
@@ -327,7 +327,7 @@ def test_cli_errors_are_one_line(data, tmp_path):
 
 def test_contamination_precheck_runs_before_training(data, tmp_path):
     from effilm.config.data import TokenizeConfig
-    from effilm.data import tokenize_files
+    from effilm.data.shards import tokenize_files
     from eval_fixtures import make_mmlu_dir
     from train_fixtures import docs, write_jsonl
 

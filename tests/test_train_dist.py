@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from effilm.config.run import load_run_config
-from effilm.train import train
+from effilm.train.loop import train
 from train_fixtures import make_data, write_run
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

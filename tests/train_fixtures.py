@@ -23,8 +23,8 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
 def make_data(root: Path) -> Path:
     """A 300-token BPE tokenizer and two token sources, 'web' and 'syn', under ``root``."""
     from effilm.config.data import TokenizeConfig, TokenizerTrainConfig
-    from effilm.data import tokenize_files
-    from effilm.tokenizer import train_tokenizer
+    from effilm.data.shards import tokenize_files
+    from effilm.data.tokenizer import train_tokenizer
 
     tok = train_tokenizer([write_jsonl(root / "t.jsonl", docs(100, 0, "t"))], root / "tok",
                           TokenizerTrainConfig(vocab_size=300))

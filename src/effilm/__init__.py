@@ -11,13 +11,13 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load", "save_hf", "save", "ModelConfig", "MoEConfig", "build_model", "generate"]
 
 _LAZY = {
-    "load": ("effilm.checkpoint", "load"),
-    "save": ("effilm.checkpoint", "save"),
-    "save_hf": ("effilm.hf", "save_hf"),
+    "load": ("effilm.formats.checkpoint", "load"),
+    "save": ("effilm.formats.checkpoint", "save"),
+    "save_hf": ("effilm.formats.hf", "save_hf"),
     "ModelConfig": ("effilm.config", "ModelConfig"),
     "MoEConfig": ("effilm.config", "MoEConfig"),
-    "build_model": ("effilm.model", "build_model"),
-    "generate": ("effilm.engine", "generate"),
+    "build_model": ("effilm.models.transformer", "build_model"),
+    "generate": ("effilm.inference.engine", "generate"),
 }
 
 

@@ -30,7 +30,7 @@ def _config(cls, args):
 
 def cmd_tokenizer_train(args) -> int:
     from effilm.config.data import TokenizerTrainConfig
-    from effilm.tokenizer import load_tokenizer, train_tokenizer
+    from effilm.data.tokenizer import load_tokenizer, train_tokenizer
 
     cfg = _config(TokenizerTrainConfig, args)
     out = train_tokenizer(args.input, args.out, cfg)
@@ -45,7 +45,7 @@ def cmd_data_tokenize(args) -> int:
     from tqdm import tqdm
 
     from effilm.config.data import TokenizeConfig
-    from effilm.data_shards import tokenize_files
+    from effilm.data.shards import tokenize_files
 
     cfg = _config(TokenizeConfig, args)
     t0 = time.perf_counter()

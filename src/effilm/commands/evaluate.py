@@ -76,11 +76,11 @@ def register(sub) -> None:
 
 
 def load_model_and_tokenizer(path: str):
-    """The model through ``effilm.checkpoint.load`` (effilm checkpoints and HF Llama, Phi3, Mixtral,
+    """The model through ``effilm.formats.checkpoint.load`` (effilm checkpoints and HF Llama, Phi3, Mixtral,
     PhiMoE and Arctic directories) and the tokenizer from ``tokenizer.json`` beside it."""
-    from effilm.checkpoint import load
+    from effilm.data.tokenizer import check_vocab, load_tokenizer
     from effilm.errors import ConfigError
-    from effilm.tokenizer import check_vocab, load_tokenizer
+    from effilm.formats.checkpoint import load
 
     model_dir = Path(path)
     if not model_dir.is_dir():
@@ -116,10 +116,10 @@ def _device(name: str):
 
 
 def cmd_eval(args) -> int:
-    from effilm.eval_report import format_table, run_evaluation
-    from effilm.evaluate import EvalConfig
+    from effilm.eval.report import format_table, run_evaluation
+    from effilm.eval.scoring import EvalConfig
+    from effilm.eval.tasks import TaskConfig, load_task
     from effilm.io import atomic_write_json
-    from effilm.tasks import TaskConfig, load_task
 
     cfg = EvalConfig(shots=args.shots, scoring=args.scoring, batch_size=args.batch_size,
                      max_length=args.max_length, seed=args.seed, ppl_stride=args.ppl_stride,
@@ -137,10 +137,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_decontam(args) -> int:
-    from effilm.decontam import DecontamConfig
-    from effilm.decontam_scan import find_contamination
+    from effilm.eval.decontam import DecontamConfig
+    from effilm.eval.decontam_scan import find_contamination
+    from effilm.eval.tasks import TaskConfig
     from effilm.io import atomic_write_json
-    from effilm.tasks import TaskConfig
 
     if args.workers < 1:
         raise EffilmError("--workers: must be >= 1")

@@ -7,7 +7,7 @@ import sys
 
 
 def cmd_generate(args) -> int:
-    from effilm.engine import Engine, SamplingParams
+    from effilm.inference.engine import Engine, SamplingParams
 
     # parameters first: a bad value is reported before the (slower) model load
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -83,8 +83,8 @@ def _config_for(name: str):
     from effilm.config import ModelConfig
 
     if Path(name).is_dir():
-        from effilm.checkpoint import read_config
-        from effilm.hf import config_from_hf
+        from effilm.formats.checkpoint import read_config
+        from effilm.formats.hf import config_from_hf
 
         meta = read_config(name)
         if meta.get("format") == "effilm":
@@ -131,6 +131,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from effilm.demo import run_demo
+    from effilm.demo.run import run_demo
 
     return run_demo(args.out, quick=args.quick, seed=args.seed, config=args.config)

@@ -7,7 +7,7 @@ import warnings
 
 
 def register(sub) -> None:
-    from effilm.plots import PlotConfig  # light: matplotlib is imported only when drawing
+    from effilm.reports.plots import PlotConfig  # light: matplotlib is imported only when drawing
 
     p = sub.add_parser(
         "plot",
@@ -29,7 +29,7 @@ def register(sub) -> None:
 def cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from effilm.plots import PlotConfig, plot_runs
+    from effilm.reports.plots import PlotConfig, plot_runs
 
     out = args.out or (str(Path(args.run_dirs[0]) / "plots") if len(args.run_dirs) == 1 else "plots")
     cfg = PlotConfig() if args.dpi is None else PlotConfig(dpi=args.dpi)

@@ -7,7 +7,7 @@ import dataclasses
 
 
 def cmd_serve(args) -> int:
-    from effilm.serve import ServeConfig, serve
+    from effilm.serve.app import ServeConfig, serve
 
     names = [f.name for f in dataclasses.fields(ServeConfig)]
     cfg = ServeConfig(**{n: getattr(args, n) for n in names})
@@ -16,7 +16,7 @@ def cmd_serve(args) -> int:
 
 def register(sub) -> None:
     # ServeConfig is a plain dataclass with no heavy imports, so its help text is the flags' help.
-    from effilm.serve import ServeConfig
+    from effilm.serve.app import ServeConfig
 
     p = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",

@@ -23,7 +23,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_dedup(args) -> int:
-    from effilm.dedup import DedupConfig, dedup_files
+    from effilm.data.dedup import DedupConfig, dedup_files
 
     cfg = DedupConfig(num_bands=args.bands, rows_per_band=args.rows, ngram=args.ngram, threshold=args.threshold,
                       text_field=args.field)
@@ -33,7 +33,7 @@ def cmd_dedup(args) -> int:
 
 
 def cmd_filter(args) -> int:
-    from effilm.filters import FilterConfig, filter_files
+    from effilm.data.filters import FilterConfig, filter_files
 
     overrides = {}
     for item in args.set or []:

@@ -35,7 +35,7 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    from effilm.train import train
+    from effilm.train.loop import train
 
     result = train(cfg, resume=args.resume, progress=False if args.no_progress else None)
     if result.final_dir is not None or result.stopped_early:

@@ -1,6 +1,6 @@
 """The ``local`` backend: generation through effilm's own engine, behind a small protocol.
 
-The engine (``effilm.engine``) comes with the "ship small" issue. Until then this module defines
+The engine (``effilm.inference.engine``) comes with the "ship small" issue. Until then this module defines
 the protocol it must meet and loads it lazily, with a clear error when it is missing. Any object
 with a matching ``generate`` method (tests use a plain Python class) drives the backend.
 """
@@ -22,20 +22,20 @@ class Generator(Protocol):
 
 
 def load_generator(checkpoint: str) -> Generator:
-    """``effilm.engine.load_generator(checkpoint)``, imported only when the backend runs."""
+    """``effilm.inference.engine.load_generator(checkpoint)``, imported only when the backend runs."""
     if not checkpoint:
         raise EffilmError("the local backend needs [local] checkpoint = 'DIR' in the recipe")
     try:
-        engine = importlib.import_module("effilm.engine")
+        engine = importlib.import_module("effilm.inference.engine")
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("effilm"):
-            raise EffilmError("the local backend needs effilm.engine (the generation engine from the "
+            raise EffilmError("the local backend needs effilm.inference.engine (the generation engine from the "
                               "'ship small' issue), which this build does not have yet; use --backend "
                               "procedural or openai") from None
         raise
     loader = getattr(engine, "load_generator", None)
     if loader is None:
-        raise EffilmError("effilm.engine has no load_generator(checkpoint); cannot run the local backend")
+        raise EffilmError("effilm.inference.engine has no load_generator(checkpoint); cannot run the local backend")
     return loader(checkpoint)
 
 

@@ -1,0 +1,1 @@
+"""Data: the one input reader, tokenizer, token shards, the staged loader, dedup and filters."""

@@ -1,0 +1,423 @@
+"""Token shards: read documents from text files, tokenize them into shards, open shards safely.
+
+Input formats (picked by suffix; ``.gz`` is decompressed on the fly for the text formats):
+
+* ``.jsonl`` / ``.ndjson``: one JSON object per line; the text sits in ``text_field``.
+* ``.parquet``: the ``text_field`` column, read in record batches.
+* ``.txt`` / ``.md`` / ``.text``: with ``text_split="paragraph"`` (default) each block of lines
+  separated by one or more blank lines is a document; with ``"file"`` the whole file is one.
+
+Empty documents are skipped and counted in the manifest; a record without the text field, or
+with a non-string one, is an error naming ``file:line``.
+
+A dataset directory written by ``tokenize_files`` holds
+
+* ``shard_NNNNN.bin``: the raw token ids (``uint16`` when the vocabulary has at most 65536 ids,
+  else ``uint32``), each document followed by EOS; documents never straddle shards;
+* ``shard_NNNNN.idx.npy``: int64 document start offsets into the shard, plus the end (n_docs + 1);
+* ``manifest.json``: format version, dtype, EOS id, vocab size, tokenizer sha256, every input
+  file with its sha256 and counts, and every shard with its token/document counts and the sha256
+  of its ``.bin`` and ``.idx.npy``.
+
+``TokenDataset(path)`` opens such a directory, checks every shard against the manifest (sizes
+always, sha256 unless ``verify=False``) and memory-maps the shards.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+from effilm.config.data import TokenizeConfig
+from effilm.errors import EffilmError
+from effilm.io import atomic_dir, iter_jsonl, open_text, sha256_file
+
+FORMAT = "effilm.tokens"
+FORMAT_VERSION = 1
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+PARQUET_SUFFIXES = (".parquet",)
+# Batches in flight per worker process: bounds memory while keeping workers busy.
+INFLIGHT_PER_WORKER = 4
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower()
+    base = name[:-3] if name.endswith(".gz") else name
+    if base.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if base.endswith(TEXT_SUFFIXES):
+        return "text"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    raise EffilmError(
+        f"{path}: unsupported input format; use {', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES + PARQUET_SUFFIXES)}"
+        " (text formats may end in .gz)"
+    )
+
+
+def expand_inputs(inputs) -> list[Path]:
+    """Files named by ``inputs`` (paths, directories or glob patterns), in a stable order.
+
+    Every input must exist and every file must have a supported suffix; duplicates are dropped.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if any(ch in str(item) for ch in "*?["):
+            found = sorted(Path(m) for m in glob.glob(str(item), recursive=True) if Path(m).is_file())
+            if not found:
+                raise EffilmError(f"input pattern {item!r} matches no file")
+            files.extend(found)
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            if not found:
+                raise EffilmError(f"input directory {p} holds no file")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise EffilmError(f"input file not found: {p}")
+    if not files:
+        raise EffilmError("no input files given")
+    seen, unique = set(), []
+    for f in files:
+        _kind(f)
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def iter_documents(path, text_field: str = "text", text_split: str = "paragraph") -> Iterator[tuple[str, str]]:
+    """Yield ``(location, text)`` for every document of one file; ``location`` names file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EffilmError(f"input file not found: {path}")
+    kind = _kind(path)
+    if kind == "jsonl":
+        for lineno, rec in iter_jsonl(path):
+            if text_field not in rec:
+                raise EffilmError(
+                    f"{path}:{lineno}: no field {text_field!r} (fields: {', '.join(map(str, rec)) or 'none'});"
+                    " choose one with --text-field"
+                )
+            text = rec[text_field]
+            if not isinstance(text, str):
+                raise EffilmError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
+            yield f"{path}:{lineno}", text
+    elif kind == "parquet":
+        yield from _iter_parquet(path, text_field)
+    elif text_split == "file":
+        with open_text(path) as fh:
+            yield f"{path}:1", fh.read()
+    else:
+        block: list[str] = []
+        start = 1
+        with open_text(path) as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    if not block:
+                        start = lineno
+                    block.append(line)
+                elif block:
+                    yield f"{path}:{start}", "".join(block).rstrip("\n")
+                    block = []
+        if block:
+            yield f"{path}:{start}", "".join(block).rstrip("\n")
+
+
+def _iter_parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:
+        raise EffilmError(f"{path}: not a readable parquet file ({exc})") from None
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise EffilmError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); choose one with --text-field")
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is None:
+                text = ""
+            if not isinstance(text, str):
+                raise EffilmError(f"{path}: row {row}: column {text_field!r} is {type(text).__name__}, not a string")
+            yield f"{path}:row {row}", text
+
+
+# ---------------------------------------------------------------- tokenizing into shards
+
+_WORKER: dict = {}
+
+
+def _worker_init(tokenizer_dir: str) -> None:
+    # One tokenizer thread per worker process: the processes are the parallelism.
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    from effilm.data.tokenizer import load_tokenizer
+
+    _WORKER["tok"] = load_tokenizer(tokenizer_dir)
+
+
+def _encode(tok, texts: list[str], eos_id: int, dtype: str):
+    """Encode ``texts``; return the flat ids (EOS after each document) and per-document lengths."""
+    import numpy as np
+
+    ids = tok.encode_batch(texts)
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    joined: list[int] = []
+    for x in ids:  # list.extend runs in C; one numpy conversion at the end
+        joined.extend(x)
+        joined.append(eos_id)
+    flat = np.array(joined, dtype=dtype)
+    return flat, lengths
+
+
+def _worker_encode(texts: list[str], eos_id: int, dtype: str):
+    return _encode(_WORKER["tok"], texts, eos_id, dtype)
+
+
+class _ShardWriter:
+    """Streams token batches into numbered shards inside the dataset's temporary directory."""
+
+    def __init__(self, root: Path, shard_tokens: int, dtype: str):
+        self.root, self.shard_tokens, self.dtype = root, shard_tokens, dtype
+        self.shards: list[dict] = []
+        self._fh = None
+
+    def _open(self) -> None:
+        n = len(self.shards)
+        self._name = f"shard_{n:05d}"
+        self._fh = open(self.root / f"{self._name}.bin", "wb")
+        self._hash = hashlib.sha256()
+        self._starts = [0]
+
+    def add(self, flat, lengths) -> None:
+        import numpy as np
+
+        pos = 0
+        while pos < len(lengths):
+            if self._fh is None:
+                self._open()
+            room = self.shard_tokens - self._starts[-1]
+            # Whole documents until the shard reaches shard_tokens (at least one per shard).
+            cum = np.cumsum(lengths[pos:])
+            take = max(1, int(np.searchsorted(cum, room, side="left")) + 1)
+            take = min(take, len(lengths) - pos)
+            a = int(lengths[:pos].sum())
+            b = a + int(cum[take - 1])
+            data = flat[a:b].tobytes()
+            self._fh.write(data)
+            self._hash.update(data)
+            for length in lengths[pos : pos + take]:
+                self._starts.append(self._starts[-1] + int(length))
+            pos += take
+            if self._starts[-1] >= self.shard_tokens:
+                self._close()
+
+    def _close(self) -> None:
+        import numpy as np
+
+        self._fh.close()
+        self._fh = None
+        idx = np.asarray(self._starts, dtype=np.int64)
+        idx_path = self.root / f"{self._name}.idx.npy"
+        np.save(idx_path, idx)
+        self.shards.append(
+            {
+                "data": f"{self._name}.bin",
+                "index": idx_path.name,
+                "documents": len(idx) - 1,
+                "tokens": int(idx[-1]),
+                "sha256": self._hash.hexdigest(),
+                "index_sha256": sha256_file(idx_path),
+            }
+        )
+
+    def finish(self) -> list[dict]:
+        if self._fh is not None:
+            self._close()
+        return self.shards
+
+
+def _batches(files: list[Path], cfg: TokenizeConfig, stats: list[dict]):
+    """Yield ``(file_index, texts)`` batches of non-empty documents, counting skipped ones."""
+    for fi, f in enumerate(files):
+        texts: list[str] = []
+        for _, text in iter_documents(f, cfg.text_field, cfg.text_split):
+            if not text.strip():
+                stats[fi]["skipped_empty"] += 1
+                continue
+            texts.append(text)
+            if len(texts) == cfg.batch_docs:
+                yield fi, texts
+                texts = []
+        if texts:
+            yield fi, texts
+
+
+def tokenize_files(inputs, tokenizer_dir, out, cfg: TokenizeConfig | None = None, progress=None) -> dict:
+    """Tokenize ``inputs`` with the tokenizer in ``tokenizer_dir`` into a dataset at ``out``.
+
+    The dataset directory appears atomically, complete with its ``manifest.json``; the output is
+    byte-identical for any ``cfg.workers``. Returns the manifest.
+    """
+    import numpy as np
+
+    from effilm.data.tokenizer import load_tokenizer
+
+    cfg = cfg or TokenizeConfig()
+    files = expand_inputs(inputs)
+    tok = load_tokenizer(tokenizer_dir)
+    if tok.eos_id is None:
+        raise EffilmError(f"tokenizer {tokenizer_dir} has no EOS token; documents need one between them")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
+        raise EffilmError(f"{out} exists and is not a token dataset; refusing to replace it")
+    dtype = "uint16" if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
+    stats = [
+        {"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size, "documents": 0, "tokens": 0,
+         "skipped_empty": 0}
+        for f in files
+    ]
+
+    def record(fi, flat, lengths, writer):
+        stats[fi]["documents"] += len(lengths)
+        stats[fi]["tokens"] += int(lengths.sum())
+        writer.add(flat, lengths)
+        if progress is not None:
+            progress(len(lengths), int(lengths.sum()))
+
+    with atomic_dir(out) as tmp:
+        writer = _ShardWriter(tmp, cfg.shard_tokens, dtype)
+        if cfg.workers == 1:
+            for fi, texts in _batches(files, cfg, stats):
+                record(fi, *_encode(tok, texts, tok.eos_id, dtype), writer)
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")  # safe beside the tokenizers thread pool and torch
+            with ctx.Pool(cfg.workers, initializer=_worker_init, initargs=(str(tok.path),)) as pool:
+                pending: deque = deque()
+                for fi, texts in _batches(files, cfg, stats):
+                    pending.append((fi, pool.apply_async(_worker_encode, (texts, tok.eos_id, dtype))))
+                    if len(pending) >= cfg.workers * INFLIGHT_PER_WORKER:
+                        fj, res = pending.popleft()
+                        record(fj, *res.get(), writer)
+                while pending:
+                    fj, res = pending.popleft()
+                    record(fj, *res.get(), writer)
+        shards = writer.finish()
+        if not shards:
+            raise EffilmError(f"no non-empty documents in {len(files)} input file(s); nothing to write")
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "dtype": dtype,
+            "eos_id": tok.eos_id,
+            "vocab_size": tok.vocab_size,
+            "tokenizer": {"path": str(Path(tok.path).resolve()), "sha256": tok.sha256},
+            "config": {k: v for k, v in asdict(cfg).items() if k != "workers"},
+            "documents": sum(s["documents"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            "inputs": stats,
+            "shards": shards,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+# ---------------------------------------------------------------- opening a dataset
+
+
+class TokenDataset:
+    """A tokenized dataset directory, checked against its manifest and memory-mapped.
+
+    ``document(i)`` returns document ``i``'s tokens (EOS included) as a read-only view;
+    ``doc_lengths`` holds every document's length, in manifest order.
+    """
+
+    def __init__(self, path, verify: bool = True):
+        import numpy as np
+
+        self.path = Path(path)
+        mpath = self.path / "manifest.json"
+        if not self.path.is_dir():
+            raise EffilmError(f"token dataset not found: {self.path} (create it with `effilm data tokenize`)")
+        if not mpath.is_file():
+            raise EffilmError(f"{self.path}: no manifest.json; not a token dataset (create it with `effilm data tokenize`)")
+        try:
+            m = json.loads(mpath.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise EffilmError(f"{mpath}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        if m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
+            raise EffilmError(f"{mpath}: format {m.get('format')!r} v{m.get('version')}; expected {FORMAT} v{FORMAT_VERSION}")
+        self.manifest = m
+        self.dtype = np.dtype(m["dtype"])
+        self.eos_id = int(m["eos_id"])
+        self.vocab_size = int(m["vocab_size"])
+        self.tokenizer_sha256 = m["tokenizer"]["sha256"]
+        self._shards = []
+        shard_of, starts, lengths = [], [], []
+        for si, s in enumerate(m["shards"]):
+            data, index = self.path / s["data"], self.path / s["index"]
+            for f in (data, index):
+                if not f.is_file():
+                    raise EffilmError(f"{self.path}: shard file {f.name} is missing")
+            want = s["tokens"] * self.dtype.itemsize
+            if data.stat().st_size != want:
+                raise EffilmError(
+                    f"shard {data}: {data.stat().st_size} bytes, manifest says {want}; the shard is truncated or corrupt"
+                )
+            if verify:
+                for f, key in ((data, "sha256"), (index, "index_sha256")):
+                    got = sha256_file(f)
+                    if got != s[key]:
+                        raise EffilmError(
+                            f"shard {f}: sha256 {got[:16]}... does not match the manifest's {s[key][:16]}...;"
+                            " the file is corrupt or was modified (re-run `effilm data tokenize`)"
+                        )
+            idx = np.load(index)
+            if (idx.ndim != 1 or len(idx) != s["documents"] + 1 or idx[0] != 0 or idx[-1] != s["tokens"]
+                    or np.any(np.diff(idx) <= 0)):
+                raise EffilmError(f"shard index {index}: document offsets disagree with the manifest")
+            self._shards.append(np.memmap(data, dtype=self.dtype, mode="r") if s["tokens"] else None)
+            shard_of.append(np.full(len(idx) - 1, si, dtype=np.int32))
+            starts.append(idx[:-1])
+            lengths.append(np.diff(idx))
+        if not self._shards:
+            raise EffilmError(f"{mpath}: lists no shards")
+        self.doc_shard = np.concatenate(shard_of)
+        self.doc_start = np.concatenate(starts).astype(np.int64)
+        self.doc_lengths = np.concatenate(lengths).astype(np.int64)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.doc_lengths.sum())
+
+    @property
+    def content_sha256(self) -> str:
+        """One hash over every shard's checksum: changes whenever any token changes."""
+        h = hashlib.sha256()
+        for s in self.manifest["shards"]:
+            h.update(f"{s['sha256']}:{s['index_sha256']};".encode())
+        return h.hexdigest()
+
+    def document(self, i: int):
+        s = int(self.doc_start[i])
+        return self._shards[int(self.doc_shard[i])][s : s + int(self.doc_lengths[i])]

@@ -1,0 +1,178 @@
+"""The demo's sizes: one dataclass, a full and a quick (CI) setting, and the three run configs.
+
+Everything the demo sizes has a named field here (facts, records, model widths, token budgets,
+learning rate, threads...). ``DemoConfig.quick()`` shrinks the data and the budgets for CI; the
+models keep the same shapes so the quick run exercises exactly the code of the full one.
+
+The three models share one shape rule: the dense MLP width is ``ffn_mult * d_model``; the Arctic
+hybrid has a dense residual MLP of width ``d_model`` (Arctic's own constraint) plus ``top_k``
+experts of width ``d_model`` each, so with ``top_k = ffn_mult - 1`` both models have the same
+*active* parameters per token, while the hybrid holds ``num_experts`` experts in total.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+
+from effilm.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+MODEL_NAMES = ("dense-web", "dense-textbook", "arctic-textbook")
+
+
+@dataclass
+class DemoConfig:
+    seed: int = field(default=0, metadata={"help": "seed of the data, the tokenizer order and the models"})
+    # --- data
+    num_facts: int = field(default=80, metadata={"help": "facts drawn from the bundled tables"})
+    textbook_records: int = field(default=2400, metadata={"help": "textbook records (lessons and exercises)"})
+    web_records: int = field(default=4000, metadata={"help": "web-like records (facts buried in noise)"})
+    heldout_records: int = field(default=60, metadata={"help": "held-out records per corpus for bits per byte"})
+    quiz_questions_per_fact: int = field(default=1, metadata={"help": "quiz items per fact (held-out phrasings)"})
+    planted_leaks: int = field(default=5, metadata={"help": "quiz items planted in a copy of the corpus"})
+    decontam_confirm_threshold: float = field(default=1.0, metadata={
+        "help": "matched fraction of a quiz item's text that confirms a hit. The quiz is templated: at the "
+                "Cosmopedia default (0.5) every item sharing a leaked item's template is confirmed too (the "
+                "planted-leak check records that result beside this one), so the demo asks for the whole item in a narrow window"})
+    decontam_window_words: int = field(default=2, metadata={
+        "help": "words of context either side of the n-gram hits that confirmation compares an item with. With "
+                "the default (the item's length) difflib matches a template-mate's few differing letters "
+                "scattered in the wider window and scores it 1.0"})
+    # --- tokenizer and shards
+    vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary size (special tokens included)"})
+    # --- models (see the module docstring for the equal-active-parameters rule)
+    d_model: int = field(default=128, metadata={"help": "hidden size of every demo model"})
+    n_layers: int = field(default=2, metadata={"help": "transformer blocks"})
+    n_heads: int = field(default=4, metadata={"help": "query heads"})
+    n_kv_heads: int = field(default=2, metadata={"help": "key/value heads (GQA)"})
+    ffn_mult: int = field(default=3, metadata={"help": "dense MLP width / d_model"})
+    num_experts: int = field(default=16, metadata={"help": "experts per Arctic-hybrid layer"})
+    # --- training (equal token budgets for all three models)
+    seq_len: int = field(default=128, metadata={"help": "training sequence length"})
+    global_batch: int = field(default=16, metadata={"help": "sequences per optimizer step"})
+    train_tokens: int = field(default=819_200, metadata={"help": "training tokens per model (all stages)"})
+    web_stage_fraction: float = field(default=0.2, metadata={"help": "two-stage runs: share of tokens in stage 1 (web)"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
+    val_sequences: int = field(default=8, metadata={"help": "packed sequences per source held out for val loss"})
+    log_every: int = field(default=10, metadata={"help": "steps between metrics records"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads for training and evaluation"})
+    # --- evaluation
+    eval_batch_size: int = field(default=32, metadata={"help": "rows per forward pass when scoring"})
+    significance_z: float = field(default=2.0, metadata={"help": "a difference counts when it exceeds z standard errors"})
+    cloze_target: float = field(default=0.5, metadata={"help": "the issue's target: textbook model cloze accuracy"})
+
+    def __post_init__(self) -> None:
+        for name in ("num_facts", "textbook_records", "web_records", "heldout_records", "quiz_questions_per_fact",
+                     "decontam_window_words", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "num_experts", "seq_len",
+                     "global_batch", "train_tokens", "val_sequences", "log_every", "threads", "eval_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"demo.{name}={v!r} must be a positive integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"demo.seed={self.seed!r} must be an integer >= 0")
+        if self.planted_leaks < 1:
+            raise ConfigError(f"demo.planted_leaks={self.planted_leaks} must be at least 1")
+        if self.ffn_mult < 2:
+            raise ConfigError(f"demo.ffn_mult={self.ffn_mult} must be >= 2 (residual MLP + at least one expert)")
+        if self.num_experts <= self.ffn_mult - 1:
+            raise ConfigError(f"demo.num_experts={self.num_experts} must exceed top_k = ffn_mult - 1 = {self.ffn_mult - 1}")
+        if not 0.0 < self.web_stage_fraction < 1.0:
+            raise ConfigError(f"demo.web_stage_fraction={self.web_stage_fraction} must lie in (0, 1)")
+        if self.planted_leaks > self.num_facts * self.quiz_questions_per_fact:
+            raise ConfigError(f"demo.planted_leaks={self.planted_leaks} exceeds the quiz size")
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ConfigError("demo.d_model must divide by n_heads, and n_heads by n_kv_heads")
+        if not 0.0 < self.decontam_confirm_threshold <= 1.0:
+            raise ConfigError(f"demo.decontam_confirm_threshold={self.decontam_confirm_threshold} must lie in (0, 1]")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ConfigError("demo.lr must be positive and demo.warmup_steps >= 0")
+
+    @classmethod
+    def quick(cls, **overrides) -> DemoConfig:
+        """The CI setting: less data, smaller budgets, the same model shapes."""
+        base = dict(num_facts=40, textbook_records=300, web_records=400, heldout_records=10, train_tokens=32_768,
+                    vocab_size=512, warmup_steps=4, log_every=4, val_sequences=2)
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_toml(cls, path, **overrides) -> DemoConfig:
+        """A demo config file (``configs/demo.toml``): DemoConfig keys at the top level, or under ``[demo]``."""
+        from pathlib import Path
+
+        from effilm.config.data import known_keys
+        from effilm.config.run import check_types
+
+        p = Path(path)
+        try:
+            d = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{p}: cannot read the demo config ({exc})") from None
+        d = d.get("demo", d)
+        try:
+            known_keys(cls, d, "demo")
+            check_types(cls, d, "demo")
+        except ConfigError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
+        return cls(**{**d, **overrides})
+
+    def to_toml(self) -> str:
+        """The config as a commented TOML file that ``from_toml`` reads back to an equal config."""
+        lines = ["# effilm demo config: every field of effilm.demo.config.DemoConfig", "[demo]"]
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            lit = ("true" if v else "false") if isinstance(v, bool) else repr(v)
+            lines.append(f"{f.name} = {lit}  # {f.metadata['help']}")
+        return "\n".join(lines) + "\n"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    # ----- model tables ([model] of a run file)
+    def model_table(self, kind: str) -> dict:
+        common = {"vocab_size": self.vocab_size, "d_model": self.d_model, "n_layers": self.n_layers,
+                  "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "max_seq_len": self.seq_len}
+        if kind == "dense":
+            return {"preset": "tiny-dense", **common, "ffn_dim": self.ffn_mult * self.d_model}
+        if kind == "arctic":
+            return {"preset": "tiny-arctic", **common, "ffn_dim": self.d_model, "residual_ffn_dim": self.d_model,
+                    "moe": {"num_experts": self.num_experts, "top_k": self.ffn_mult - 1,
+                            "expert_ffn_dim": self.d_model}}
+        raise ConfigError(f"unknown demo model kind {kind!r}")
+
+    def run_dict(self, name: str, out_dir: str, tokenizer: str, sources: dict[str, str]) -> dict:
+        """The run config (``RunConfig.from_dict`` input) of demo model ``name`` (one of MODEL_NAMES)."""
+        if name not in MODEL_NAMES:
+            raise ConfigError(f"unknown demo model {name!r}; choose from {MODEL_NAMES}")
+        steps = -(-self.train_tokens // self.tokens_per_step)
+        total = steps * self.tokens_per_step
+        if name == "dense-web":
+            stages = [{"name": "web", "tokens": total, "mixture": {"web": 1.0}}]
+        else:
+            web_steps = max(1, round(steps * self.web_stage_fraction))
+            stages = [{"name": "web", "tokens": web_steps * self.tokens_per_step, "mixture": {"web": 1.0}},
+                      {"name": "textbook", "tokens": (steps - web_steps) * self.tokens_per_step,
+                       "mixture": {"textbook": 1.0}}]
+        return {
+            "out_dir": out_dir,
+            "tokenizer": tokenizer,
+            "model": self.model_table("arctic" if name.startswith("arctic") else "dense"),
+            "data": {"seq_len": self.seq_len, "seed": self.seed,
+                     "sources": [{"name": k, "path": v, "val_sequences": self.val_sequences} for k, v in sources.items()],
+                     "stages": stages},
+            "optim": {"lr": self.lr, "warmup_steps": self.warmup_steps},
+            "train": {"global_batch": self.global_batch, "micro_batch": self.global_batch, "seed": self.seed,
+                      "device": "cpu", "log_every": self.log_every, "eval_every": 0, "save_every": 0,
+                      "keep_last": 1, "threads": self.threads},
+        }

@@ -1,0 +1,225 @@
+"""``effilm demo``: both routes of efficient language models, end to end, on built-in data.
+
+Stages (each prints its progress and its wall and CPU time):
+
+1. **synthesize**: a textbook corpus (facts stated in several phrasings plus exercises with
+   solutions that teach the question-and-answer form), a web-like corpus (the same facts in loose
+   prose among distractor lines), held-out text from both generators, and the MMLU-format quiz
+   whose question phrasings the corpora never use;
+2. **clean**: dedup, quality filters and decontamination against the quiz, per corpus; then a
+   few quiz items are planted in a COPY of the cleaned textbook corpus and decontamination must
+   find exactly those;
+3. **tokenize**: a byte-level BPE trained on the cleaned corpora, one token dataset per corpus;
+4. **train** at equal token budgets: ``dense-web`` (tiny-dense on web text only),
+   ``dense-textbook`` (tiny-dense, web then textbook) and ``arctic-textbook`` (the tiny Arctic
+   hybrid in the same two stages, same active parameters, many more in total);
+5. **evaluate**: quiz accuracy by letter and cloze scoring against chance, bits per byte on the
+   held-out text, and the contamination status of each model's training data beside its scores;
+6. **ship**: the best model quantized to int8 and int4 (RTN, and GPTQ in the full demo) with the
+   quality delta, exported to HF and GGUF, and answering quiz questions greedy and sampled;
+7. **report**: ``DIR/report.html`` (self-contained) and ``DIR/report.md`` with the plots.
+
+``DIR/summary.json`` (schema version ``SCHEMA_VERSION``)::
+
+    {
+      "schema_version": 1, "effilm_version": str, "quick": bool, "seed": int,
+      "config": {DemoConfig fields},
+      "timings": {stage: {"wall_s": float, "cpu_s": float}},     # stages above + "total"
+      "costs": {preset: effilm.config.cost.cost_summary(...)},   # real presets, for comparison
+      "synthesize": {"paths": {textbook, web, heldout_textbook, heldout_web, quiz},
+                     "facts": {"count", "by_relation"}, "textbook_domains": [str],
+                     "corpora": {name: {"path", "documents", "chars", "words"}},
+                     "quiz": {"path", "items", "subjects", "choices", "chance"}},
+      "clean": {"corpora": {textbook|web: {"input_documents", "dedup": {...}, "filters": {...},
+                                           "decontam": {"items", "checked", "contaminated", "contaminated_ids",
+                                                        "rejected_candidates", "documents_with_candidates",
+                                                        "clean", "report",
+                                                        "after_cleaning": {"contaminated", "contaminated_ids"}},
+                                           "output_documents"}},
+                "paths": {textbook|web: cleaned JSONL},
+                "planted_leak_check": {"corpus_copy", "planted": [{"item", "doc", "text"}],
+                                       "found_items", "found_documents", "missed", "false_positives",
+                                       "exact": bool}},
+      "tokenize": {"tokenizer", "vocab_size", "datasets": {textbook|web: {"path", "documents", "tokens",
+                                                                           "chars_per_token"}}},
+      "train": {model: {"run_dir", "config", "final_dir", "preset", "steps", "tokens", "stages",
+                        "total_params", "active_params", "flops_per_token", "first_loss", "final_loss",
+                        "val_loss": {source: loss}, "loss_curve": [{"step", "tokens", "stage", "loss"}],
+                        "wall_s", "cpu_s", "tokens_per_cpu_s"}},
+      "evaluate": {model: {"trained_on", "chance",
+                           "letter" | "cloze" | "cloze_norm": {"acc", "stderr", "n", "average": "micro"},
+                           "predicted_letters": {letter: count}, "bits_per_byte": {heldout_textbook, heldout_web},
+                           "contamination": {"contaminated", "items", "contaminated_ids", "clean_acc"},
+                           "reports": {scoring: eval report path}}},
+      "ship": {"status": "done", "model", "source", "fp32": {"weight_bytes", "ppl", "cloze_acc"},
+               "quantized": [effilm.quant.report.build_report(...) + {"variant", "path", "cloze_acc",
+                                                                       "cloze_acc_fp32", "max_layer_error"}],
+               "exports": {"hf", "gguf", "gguf_bytes", "gguf_check"},
+               "generations": [{"question", "answer", "greedy", "sampled"}], "sampling": {...}},
+      "report": {"status": "written", "html", "markdown", "missing": []},
+      "notes": [{"topic", "shows": bool | null, "text"}]         # see effilm.demo.notes
+    }
+
+Models: ``dense-web``, ``dense-textbook``, ``arctic-textbook``. Paths are absolute (``--out`` made absolute).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from effilm.demo.config import DemoConfig
+from effilm.io import atomic_write_json
+
+SCHEMA_VERSION = 1
+REAL_PRESETS = ("arctic", "phi-3-mini-4k", "openelm-270m")
+STAGES = ("synthesize", "clean", "tokenize", "train", "evaluate", "ship", "report")
+SHIP_MODULES = ("effilm.quant.quantize", "effilm.formats.gguf", "effilm.inference.engine")
+REPORT_MODULES = ("effilm.reports.render", "effilm.reports.plots")
+
+
+def missing_modules(names) -> list[str]:
+    """The modules among ``names`` that are not importable (checked without importing them)."""
+    out = []
+    for n in names:
+        try:
+            found = importlib.util.find_spec(n) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            out.append(n)
+    return out
+
+
+@contextmanager
+def stage(name: str, timings: dict):
+    """Print the stage's header and, at its end, its wall and CPU (this process) time."""
+    index = STAGES.index(name) + 1 if name in STAGES else "-"
+    print(f"\n== {index}. {name} ==", flush=True)
+    w0, c0 = time.perf_counter(), time.process_time()
+    yield
+    t = {"wall_s": round(time.perf_counter() - w0, 2), "cpu_s": round(time.process_time() - c0, 2)}
+    timings[name] = t
+    print(f"-- {name}: {t['wall_s']:.1f}s wall, {t['cpu_s']:.1f}s CPU", flush=True)
+
+
+# ----------------------------------------------------------------------------- hooks (filled by the lead)
+def ship(summary: dict, out_dir: Path, cfg: DemoConfig, quick: bool) -> dict:
+    """Quantize the best model to int8/int4 with the quality delta, export it to HF and GGUF, and
+    generate a few answers, greedy and sampled (:mod:`effilm.demo.ship`)."""
+    missing = missing_modules(SHIP_MODULES)
+    if missing:
+        print(f"ship: not available (missing {', '.join(missing)})")
+        return {"status": "not available", "missing": missing}
+    from effilm.demo.ship import ship_model
+
+    return ship_model(summary, out_dir, cfg, best_model(summary), quick)
+
+
+def report(summary: dict, out_dir: Path) -> dict:
+    """``DIR/report.html`` and ``DIR/report.md`` with the plots (:mod:`effilm.demo.report`)."""
+    missing = missing_modules(REPORT_MODULES)
+    if missing:
+        print(f"report: not available (missing {', '.join(missing)})")
+        return {"status": "not available", "missing": missing}
+    from effilm.demo.report import write_demo_report
+
+    md, html = write_demo_report(summary, out_dir)
+    print(f"report: {html} and {md}")
+    return {"status": "written", "missing": [], "html": str(html), "markdown": str(md)}
+
+
+def best_model(summary: dict) -> str:
+    """The model with the highest cloze accuracy (ties: lowest held-out textbook bits per byte)."""
+    ev = summary["evaluate"]
+    return max(ev, key=lambda m: (ev[m]["cloze"]["acc"], -ev[m]["bits_per_byte"]["heldout_textbook"]))
+
+
+# ----------------------------------------------------------------------------- the run
+def run_pipeline(cfg: DemoConfig, out_dir: Path, quick: bool = False) -> dict:
+    """Run every stage into ``out_dir`` and return the summary (also written to summary.json).
+
+    Every path the stages write and the summary records is absolute (``out_dir`` is made so first),
+    so the summary and the report mean the same files from any working directory."""
+    import torch
+
+    import effilm
+    from effilm.config import ModelConfig
+    from effilm.config.cost import cost_summary
+    from effilm.demo.notes import build_notes
+    from effilm.demo.stages import clean, synthesize, tokenize
+    from effilm.demo.train import evaluate_models, train_models
+
+    out_dir = Path(os.path.abspath(out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    timings: dict = {}
+    summary: dict = {"schema_version": SCHEMA_VERSION, "effilm_version": effilm.__version__, "quick": quick,
+                     "seed": cfg.seed, "config": cfg.to_dict(), "timings": timings,
+                     "costs": {n: cost_summary(ModelConfig.from_name(n), 2048) for n in REAL_PRESETS}}
+    w0, c0 = time.perf_counter(), time.process_time()
+    with stage("synthesize", timings):
+        s = summary["synthesize"] = synthesize(cfg, out_dir / "data")
+        for k, v in s["corpora"].items():
+            print(f"  {k:17s} {v['documents']:6d} docs {v['words']:9,d} words")
+        print(f"  quiz: {s['quiz']['items']} items on {s['facts']['count']} facts, chance {s['quiz']['chance']:.2f}")
+    with stage("clean", timings):
+        c = summary["clean"] = clean(cfg, s, out_dir / "clean")
+        for k, v in c["corpora"].items():
+            print(f"  {k:9s} {v['input_documents']} -> {v['output_documents']} docs (dedup removed "
+                  f"{v['dedup']['removed_exact'] + v['dedup']['removed_near']}, filters {v['filters']['rejected']}, "
+                  f"quiz items found {v['decontam']['contaminated']}, after cleaning "
+                  f"{v['decontam']['after_cleaning']['contaminated']})")
+        pl = c["planted_leak_check"]
+        print(f"  planted {len(pl['planted'])} quiz items in a copy: found {len(pl['found_items'])}, "
+              f"exactly those: {pl['exact']}")
+    with stage("tokenize", timings):
+        t = summary["tokenize"] = tokenize(cfg, c, out_dir / "tokens")
+        print(f"  vocab {t['vocab_size']}: " + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in t["datasets"].items()))
+    with stage("train", timings):
+        summary["train"] = train_models(cfg, t, out_dir / "runs")
+    with stage("evaluate", timings):
+        summary["evaluate"] = evaluate_models(cfg, s, c, summary["train"], out_dir / "eval")
+    summary["notes"] = build_notes(summary, cfg.significance_z, cfg.cloze_target)
+    with stage("ship", timings):
+        summary["ship"] = ship(summary, out_dir, cfg, quick)
+    timings["total"] = {"wall_s": round(time.perf_counter() - w0, 2), "cpu_s": round(time.process_time() - c0, 2)}
+    atomic_write_json(out_dir / "summary.json", summary)  # the report reads a complete summary
+    with stage("report", timings):
+        summary["report"] = report(summary, out_dir)
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def print_outcome(summary: dict, out_dir: Path) -> None:
+    print("\n== what this shows ==")
+    for n in summary["notes"]:
+        mark = {True: "[yes]", False: "[no] ", None: "[---]"}[n["shows"]]
+        print(f"{mark} {n['text']}")
+    print(f"\n{'stage':11s} {'wall s':>8s} {'CPU s':>8s}")
+    for k, v in summary["timings"].items():
+        print(f"{k:11s} {v['wall_s']:8.1f} {v['cpu_s']:8.1f}")
+    print(f"\nwrote {out_dir / 'summary.json'}")
+
+
+def run_demo(out: str, quick: bool = False, seed: int | None = None, config: str | None = None) -> int:
+    """The ``effilm demo`` entry point. Returns 0 when every stage ran and the planted-leak check held.
+
+    ``config`` is a demo TOML file (``configs/demo.toml``); otherwise the built-in full or quick
+    setting. ``seed`` overrides the config's seed."""
+    from effilm.errors import EffilmError
+
+    over = {} if seed is None else {"seed": seed}
+    if config:
+        cfg = DemoConfig.from_toml(config, **over)
+    else:
+        cfg = DemoConfig.quick(**over) if quick else DemoConfig(**over)
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EffilmError(f"--out {out}: exists and is not a directory")
+    summary = run_pipeline(cfg, out_dir, quick=quick)
+    print_outcome(summary, out_dir)
+    return 0 if summary["clean"]["planted_leak_check"]["exact"] else 1

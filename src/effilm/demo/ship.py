@@ -1,0 +1,115 @@
+"""The demo's ship stage: quantize the best model, export it, generate answers with it.
+
+``ship_model(summary, out_dir, cfg)`` takes the model with the best quiz cloze accuracy and:
+
+* quantizes it to int8 (per output channel) and int4 (groups of 32; round-to-nearest, and GPTQ
+  calibrated on the cleaned textbook corpus in the full demo), saving each as a checkpoint, and
+  reports weight bytes, held-out perplexity, greedy-token agreement with the fp32 model, the
+  largest per-layer error and the quiz cloze accuracy of each variant;
+* exports it to Hugging Face format (with its tokenizer) and to GGUF (q8_0), and reads the GGUF
+  file back to check every tensor;
+* answers a few quiz questions through the generation engine, greedy and sampled.
+
+It returns the ``ship`` section of ``summary.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from effilm.demo.config import DemoConfig
+from effilm.io import atomic_write_json
+
+SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": 0}
+
+
+def _variants(quick: bool):
+    from effilm.quant.quantize import QuantConfig
+
+    out = [("int8", QuantConfig(bits=8)), ("int4-g32", QuantConfig(bits=4, group_size=32))]
+    if not quick:
+        out.append(("int4-g32-gptq", QuantConfig(bits=4, group_size=32, method="gptq")))
+    return out
+
+
+def _windows(path: Path, tokenizer, seq_len: int, limit: int):
+    import json
+
+    from effilm.quant.report import windows
+
+    text = "\n\n".join(json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return windows(tokenizer.encode(text), seq_len)[:limit]
+
+
+def _cloze_acc(model, tokenizer, quiz, cfg: DemoConfig) -> float:
+    from effilm.eval.report import run_evaluation
+    from effilm.eval.scoring import EvalConfig
+
+    rep = run_evaluation(model, tokenizer, [quiz], EvalConfig(shots=0, scoring="cloze", batch_size=cfg.eval_batch_size,
+                                                              seed=cfg.seed))
+    return rep["tasks"][0]["overall"]["acc"]["micro"]
+
+
+def ship_model(summary: dict, out_dir: Path, cfg: DemoConfig, model_name: str, quick: bool, log=print) -> dict:
+    import torch
+
+    from effilm.data.tokenizer import copy_tokenizer_files, load_tokenizer
+    from effilm.demo.stages import quiz_spec
+    from effilm.eval.tasks import load_task
+    from effilm.formats.checkpoint import load
+    from effilm.formats.gguf import export_gguf, verify_gguf
+    from effilm.formats.hf import save_hf
+    from effilm.inference.engine import Engine, SamplingParams
+    from effilm.quant.quantize import quantize_model, save_quantized
+    from effilm.quant.report import build_report
+
+    torch.set_num_threads(cfg.threads)
+    final = Path(summary["train"][model_name]["final_dir"])
+    ship_dir = out_dir / "ship"
+    ship_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(final)
+    fp = load(final)
+    quiz = load_task(quiz_spec(Path(summary["synthesize"]["quiz"]["path"])))
+    eval_ids = _windows(Path(summary["synthesize"]["paths"]["heldout_textbook"]), tokenizer, cfg.seq_len, 64)
+    calib_ids = _windows(Path(summary["clean"]["paths"]["textbook"]), tokenizer, cfg.seq_len, 32)
+    fp_acc = summary["evaluate"][model_name]["cloze"]["acc"]
+    result: dict = {"status": "done", "model": model_name, "source": str(final), "quantized": []}
+
+    log(f"  {'variant':14s} {'weights':>10s} {'ppl':>8s} {'agree':>6s} {'cloze':>6s} {'max layer err':>13s}")
+    for label, qcfg in _variants(quick):
+        q = load(final)
+        q, spec = quantize_model(q, qcfg, calib_ids if qcfg.method == "gptq" else None)
+        path = ship_dir / label
+        save_quantized(q, spec, path)
+        copy_tokenizer_files(final, path)
+        rep = build_report(fp, q, spec, eval_ids)
+        rep.update(variant=label, path=str(path), cloze_acc=_cloze_acc(load(path), tokenizer, quiz, cfg),
+                   cloze_acc_fp32=fp_acc, max_layer_error=max(x["max_abs_err"] for x in rep["layers"]))
+        result["quantized"].append(rep)
+        log(f"  {label:14s} {rep['weight_bytes_quant'] / 2**20:8.2f}Mi {rep['ppl_quant']:8.3f} "
+            f"{rep['greedy_agreement']:6.3f} {rep['cloze_acc']:6.3f} {rep['max_layer_error']:13.2e}")
+    result["fp32"] = {"weight_bytes": result["quantized"][0]["weight_bytes_fp32"],
+                      "ppl": result["quantized"][0]["ppl_fp32"], "cloze_acc": fp_acc}
+
+    hf_dir = save_hf(fp, ship_dir / "hf")
+    copy_tokenizer_files(final, hf_dir)
+    gguf_path = export_gguf(fp, ship_dir / "model-q8_0.gguf", "q8_0", tokenizer_dir=final, name=model_name)
+    check = verify_gguf(gguf_path, fp, "q8_0")
+    result["exports"] = {"hf": str(hf_dir), "gguf": str(gguf_path), "gguf_bytes": gguf_path.stat().st_size,
+                         "gguf_check": check}
+    log(f"  exported {hf_dir} and {gguf_path} ({gguf_path.stat().st_size / 2**20:.2f} MiB, read back and checked)")
+
+    engine = Engine(fp, tokenizer, name=model_name)
+    items = quiz.items[: (3 if quick else 6)]
+    prompts = [f"Question: {it.question.strip()}\nAnswer:" for it in items]
+    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=12, stop=("\n",)))
+    sampled = engine.generate(prompts, SamplingParams(max_new_tokens=12, stop=("\n",), seed=cfg.seed, **SAMPLING))
+    result["generations"] = [
+        {"question": it.question, "answer": it.choices[it.answer], "greedy": g.text.strip(), "sampled": s.text.strip()}
+        for it, g, s in zip(items, greedy, sampled, strict=True)
+    ]
+    result["sampling"] = {**SAMPLING, "seed": cfg.seed, "max_new_tokens": 12}
+    for g in result["generations"]:
+        log(f"  Q: {g['question']}\n     greedy: {g['greedy']!r}  sampled: {g['sampled']!r}  (answer: {g['answer']})")
+    atomic_write_json(ship_dir / "ship.json", result)
+    return result

@@ -1,0 +1,135 @@
+"""The demo's model stages: train the three models at equal token budgets, then evaluate them.
+
+* ``train_models``: ``dense-web`` (tiny-dense, web-like text only), ``dense-textbook`` (tiny-dense,
+  web then textbook, as Phi-3 staged its data) and ``arctic-textbook`` (the tiny Arctic hybrid in
+  the same two stages, same active parameters, many more in total), each through
+  ``effilm.train.loop.train`` with a run config written to ``runs/<name>.json``.
+* ``evaluate_models``: the quiz with letter and cloze scoring (zero-shot), bits per byte on the
+  held-out textbook and web text, and beside each score the contamination status of the corpora
+  that model trained on, all through ``effilm.eval.report.run_evaluation``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from effilm.demo.config import MODEL_NAMES, DemoConfig
+from effilm.io import atomic_write_json
+
+
+def _val_loss(run_dir: Path) -> dict:
+    last = {}
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "val":
+            last = rec["val_loss"]
+    return last
+
+
+def loss_curve(run_dir: Path) -> list[dict]:
+    """(step, tokens, stage, loss) of every train record in metrics.jsonl."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "train":
+            out.append({k: rec.get(k) for k in ("step", "tokens", "stage", "loss")})
+    return out
+
+
+def train_models(cfg: DemoConfig, tok: dict, out: Path, log=print) -> dict:
+    """Train every demo model; returns ``{name: result}`` (see ``effilm.demo.run`` for the schema)."""
+    import torch
+
+    from effilm.config.run import RunConfig
+    from effilm.train.loop import train
+
+    sources = {name: tok["datasets"][name]["path"] for name in ("web", "textbook")}
+    results = {}
+    for name in MODEL_NAMES:
+        run_dir = out / name
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a fresh demo run, never a resume of an older one
+        d = cfg.run_dict(name, str(run_dir), tok["tokenizer"], sources)
+        atomic_write_json(out / f"{name}.json", d)
+        rc = RunConfig.from_dict(d, where=f"demo run {name}")
+        log(f"  {name}: {rc.model.num_active_params():,} active / {rc.model.num_params():,} total params, "
+            f"{sum(s.tokens for s in rc.data.stages):,} tokens in stages {[s.name for s in rc.data.stages]}")
+        torch.manual_seed(cfg.seed)
+        w0, c0 = time.perf_counter(), time.process_time()
+        res = train(rc)
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        curve = loss_curve(run_dir)
+        results[name] = {
+            "run_dir": str(run_dir), "config": str(out / f"{name}.json"), "final_dir": str(res.final_dir),
+            "preset": d["model"]["preset"], "steps": res.steps, "tokens": res.tokens,
+            "stages": [{"name": s.name, "tokens": s.tokens, "mixture": s.mixture} for s in rc.data.stages],
+            "total_params": rc.model.num_params(), "active_params": rc.model.num_active_params(),
+            "flops_per_token": rc.model.flops_per_token(cfg.seq_len),
+            "final_loss": res.final_loss, "first_loss": curve[0]["loss"] if curve else None,
+            "val_loss": _val_loss(run_dir), "loss_curve": curve,
+            "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tokens_per_cpu_s": round(res.tokens / max(cpu, 1e-9), 1),
+        }
+        log(f"  {name}: final loss {res.final_loss:.3f}, val {results[name]['val_loss']}, "
+            f"{wall:.1f}s wall, {cpu:.1f}s CPU")
+    return results
+
+
+def _accuracy(entry: dict, metric: str) -> dict:
+    o = entry["overall"][metric]
+    return {"acc": o["micro"], "stderr": o["micro_stderr"], "n": o["n"], "average": "micro"}
+
+
+def evaluate_models(cfg: DemoConfig, synth: dict, cleaned: dict, trained: dict, out: Path, log=print) -> dict:
+    """Quiz (letter and cloze) and bits per byte for every trained model, with contamination status."""
+    import torch
+
+    from effilm.commands.evaluate import load_model_and_tokenizer
+    from effilm.demo.stages import quiz_spec
+    from effilm.eval.report import run_evaluation
+    from effilm.eval.scoring import EvalConfig
+    from effilm.eval.tasks import load_task
+
+    torch.set_num_threads(cfg.threads)
+    quiz = load_task(quiz_spec(Path(synth["quiz"]["path"])))
+    heldout = [load_task(f"ppl:{synth['paths'][k]},name={k}") for k in ("heldout_textbook", "heldout_web")]
+    chance = synth["quiz"]["chance"]
+    results = {}
+    for name, tr in trained.items():
+        used = sorted({src for st in tr["stages"] for src in st["mixture"]})
+        corpus_report = _contamination(cleaned, used)
+        model, tokenizer = load_model_and_tokenizer(tr["final_dir"])
+        entry: dict = {"trained_on": used, "chance": chance}
+        for scoring in ("letter", "cloze"):
+            ecfg = EvalConfig(shots=0, scoring=scoring, batch_size=cfg.eval_batch_size, seed=cfg.seed)
+            tasks = [quiz] + (heldout if scoring == "cloze" else [])
+            rep = run_evaluation(model, tokenizer, tasks, ecfg, corpus_report=corpus_report, model_path=tr["final_dir"])
+            atomic_write_json(out / f"{name}-{scoring}.json", rep)
+            q = rep["tasks"][0]
+            entry[scoring] = _accuracy(q, "acc")
+            if scoring == "cloze":
+                entry["cloze_norm"] = _accuracy(q, "acc_norm")
+                entry["bits_per_byte"] = {t["name"]: t["perplexity"]["bits_per_byte"] for t in rep["tasks"][1:]}
+            else:
+                preds = [r["prediction"] for r in q["items"]]
+                entry["predicted_letters"] = {"ABCD"[i]: preds.count(i) for i in range(len(quiz.items[0].choices))}
+            entry.setdefault("contamination", q.get("contamination"))
+            entry.setdefault("reports", {})[scoring] = str(out / f"{name}-{scoring}.json")
+        results[name] = entry
+        log(f"  {name}: cloze {entry['cloze']['acc']:.3f}  letter {entry['letter']['acc']:.3f}  (chance {chance:.2f})  "
+            f"bpb textbook {entry['bits_per_byte']['heldout_textbook']:.3f} web {entry['bits_per_byte']['heldout_web']:.3f}  "
+            f"contaminated items in its data: {entry['contamination']['contaminated']}")
+    return results
+
+
+def _contamination(cleaned: dict, corpora: list[str]) -> dict:
+    """The quiz's contamination in the cleaned corpora one model trained on (union over corpora)."""
+    ids: list[str] = []
+    items = 0
+    for c in corpora:
+        d = cleaned["corpora"][c]["decontam"]
+        items = d["items"]
+        ids += [i for i in d["after_cleaning"]["contaminated_ids"] if i not in ids]
+    return {"benchmarks": [{"name": "quiz", "items": items, "contaminated": len(ids), "contaminated_ids": ids}]}

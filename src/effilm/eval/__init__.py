@@ -1,0 +1,1 @@
+"""Evaluation: task formats, scoring, reports and decontamination."""

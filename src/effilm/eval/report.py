@@ -1,0 +1,153 @@
+"""Evaluation reports: accuracy per subject and overall (micro and macro), standard errors,
+the reproducibility manifest and the table printed on stdout."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+
+from effilm.eval.scoring import EvalConfig, TokenizerAdapter, perplexity, prompt_format, score_task
+from effilm.eval.tasks import Task
+
+
+def mean_stderr(values: list[float]) -> float | None:
+    """Sample standard deviation over sqrt(n), as the harness reports it (None below 2 values)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mu = sum(values) / n
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1) / n)
+
+
+def _acc(records: list[dict], key: str) -> dict:
+    vals = [1.0 if r[key] else 0.0 for r in records]
+    return {"n": len(vals), "acc": sum(vals) / len(vals) if vals else None, "stderr": mean_stderr(vals)}
+
+
+def aggregate(records: list[dict], metrics: tuple[str, ...]) -> dict:
+    """Per subject accuracy, then overall micro (every item weighs the same) and macro (every
+    subject weighs the same; stderr from the subjects' stderrs) averages, both labelled."""
+    subjects: dict[str, list[dict]] = {}
+    for r in records:
+        subjects.setdefault(r["subject"], []).append(r)
+    out = {"subjects": {}, "overall": {}}
+    for metric, key in zip(metrics, ("correct", "correct_norm"), strict=False):
+        per = {s: _acc(rs, key) for s, rs in sorted(subjects.items())}
+        for s, v in per.items():
+            out["subjects"].setdefault(s, {"n": v["n"]})[metric] = v["acc"]
+            out["subjects"][s][f"{metric}_stderr"] = v["stderr"]
+        micro = _acc(records, key)
+        accs = [v["acc"] for v in per.values()]
+        ses = [v["stderr"] for v in per.values()]
+        macro = sum(accs) / len(accs) if accs else float("nan")
+        macro_se = math.sqrt(sum(se * se for se in ses)) / len(ses) if ses and None not in ses else None
+        out["overall"][metric] = {"micro": micro["acc"], "micro_stderr": micro["stderr"],
+                                  "macro": macro, "macro_stderr": macro_se, "n": len(records),
+                                  "subjects": len(per)}
+    return out
+
+
+def model_fingerprint(model) -> dict:
+    """sha256 of the weights (names, dtypes, shapes and bytes, sorted) and of the config."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    conf = getattr(model, "config", None)
+    if conf is None:
+        conf_text = ""
+    elif hasattr(conf, "to_dict"):
+        conf_text = json.dumps(conf.to_dict(), sort_keys=True, default=str)
+    else:
+        import dataclasses
+
+        conf_text = json.dumps(dataclasses.asdict(conf) if dataclasses.is_dataclass(conf) else repr(conf),
+                               sort_keys=True, default=str)
+    return {"weights_sha256": h.hexdigest(), "config_sha256": hashlib.sha256(conf_text.encode()).hexdigest()}
+
+
+def contamination_for(task: Task, corpus_report: dict | None) -> dict | None:
+    """This task's line in a decontamination report (matched by benchmark name, then spec)."""
+    if not corpus_report:
+        return None
+    for b in corpus_report.get("benchmarks", []):
+        if b.get("name") == task.name or b.get("spec") == task.spec:
+            return {"contaminated": b.get("contaminated", 0), "items": b.get("items", 0),
+                    "contaminated_ids": b.get("contaminated_ids", [])}
+    return None
+
+
+def run_evaluation(model, tokenizer, tasks: list[Task], cfg: EvalConfig, *, scorer=None,
+                   corpus_report: dict | None = None, model_path: str | None = None) -> dict:
+    """Evaluate every task and return the full report (JSON-serialisable)."""
+    import torch
+
+    import effilm
+
+    torch.manual_seed(cfg.seed)
+    tok = TokenizerAdapter(tokenizer, cfg.add_special_tokens)
+    results = []
+    for task in tasks:
+        entry = {"name": task.name, "spec": task.spec, "data_sha256": task.data_hash(), "skipped": task.skipped}
+        if task.kind == "ppl":
+            entry["perplexity"] = perplexity(model, tok, task.texts, cfg)
+        else:
+            records = score_task(model, tok, task, cfg, scorer=scorer)
+            metrics = ("acc",) if cfg.scoring == "letter" else ("acc", "acc_norm")
+            entry.update(aggregate(records, metrics))
+            cont = contamination_for(task, corpus_report)
+            if cont is not None:
+                bad = set(cont["contaminated_ids"])
+                clean = [r for r in records if r["id"] not in bad]
+                cont["clean_acc"] = _acc(clean, "correct")["acc"] if clean else None
+                entry["contamination"] = cont
+            entry["items"] = records
+        results.append(entry)
+    manifest = {"effilm_version": effilm.__version__, "torch_version": torch.__version__,
+                "python": platform.python_version(), "seed": cfg.seed, "model_path": model_path,
+                **model_fingerprint(model), "tokenizer_sha256": tok.fingerprint(),
+                "prompt_format": prompt_format(cfg), "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+                "averages": "micro = mean over items; macro = mean over subjects"}
+    return {"manifest": manifest, "tasks": results}
+
+
+def _f(v, width: int) -> str:
+    return f"{v:>{width}.4f}" if isinstance(v, float) else f"{'n/a':>{width}}"
+
+
+def format_table(report: dict) -> str:
+    """A human-readable table: one line per subject, then the micro and macro averages."""
+    lines = []
+    for t in report["tasks"]:
+        if "perplexity" in t:
+            p = t["perplexity"]
+            lines.append(f"{t['name']}: bits/byte {p['bits_per_byte']:.4f}  perplexity {p['perplexity']:.3f}  "
+                         f"({p['tokens']} tokens, {p['method']})")
+            continue
+        norm = "acc_norm" in t["overall"]
+        head = f"{'subject':<40} {'n':>6} {'acc':>7} {'± se':>7}" + (f" {'acc_norm':>8} {'± se':>7}" if norm else "")
+        lines += [f"== {t['name']} ==", head, "-" * len(head)]
+        rows = [(s, v) for s, v in t["subjects"].items()]
+        for s, v in rows:
+            line = f"{s:<40} {v['n']:>6} {_f(v['acc'], 7)} {_f(v['acc_stderr'], 7)}"
+            if norm:
+                line += f" {_f(v['acc_norm'], 8)} {_f(v['acc_norm_stderr'], 7)}"
+            lines.append(line)
+        for avg in ("micro", "macro"):
+            o = t["overall"]
+            line = f"{'OVERALL (' + avg + ')':<40} {o['acc']['n']:>6} {_f(o['acc'][avg], 7)} {_f(o['acc'][avg + '_stderr'], 7)}"
+            if norm:
+                line += f" {_f(o['acc_norm'][avg], 8)} {_f(o['acc_norm'][avg + '_stderr'], 7)}"
+            lines.append(line)
+        if t.get("skipped"):
+            lines.append(f"skipped {len(t['skipped'])} bad rows (see report 'skipped')")
+        c = t.get("contamination")
+        if c is not None:
+            lines.append(f"contamination: {c['contaminated']}/{c['items']} items found in the corpus; "
+                         f"acc on the clean items {_f(c['clean_acc'], 0)}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Inference: the generation engine, the decode step and sampling."""

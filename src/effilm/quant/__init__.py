@@ -1,0 +1,1 @@
+"""Weight quantization: the pipeline, GPTQ and the quality report."""

@@ -1,0 +1,1 @@
+"""Reports: run metrics, plots and the HTML/Markdown renderer."""
