@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from effilm.config.presets import get_preset
+from effilm.config import ModelConfig
 
 TOKENS_PER_STEP = 1024
 LOG_EVERY = 5
@@ -36,7 +36,7 @@ def make_run(root: Path, preset: str, steps: int = 60, stages=("web", "textbook"
              moe_layers=None, truncated_tail: bool = False) -> Path:  # fmt: skip
     """A run directory with train records every LOG_EVERY steps over ``stages`` (equal shares),
     a val record at each stage end, stage_start and checkpoint events. MoE presets get expert_load."""
-    cfg = get_preset(preset)
+    cfg = ModelConfig.from_name(preset)
     per_token = cfg.flops_per_token(SEQ_LEN)
     run = root / preset
     run.mkdir(parents=True)

@@ -11,7 +11,8 @@ import pytest
 
 from effilm.cli import main
 from effilm.config.data import TokenizeConfig, TokenizerTrainConfig
-from effilm.data.shards import TokenDataset, iter_documents, tokenize_files
+from effilm.data.inputs import expand_inputs, iter_file, iter_records
+from effilm.data.shards import TokenDataset, tokenize_files
 from effilm.data.tokenizer import load_tokenizer, train_tokenizer
 from effilm.errors import EffilmError
 
@@ -25,6 +26,7 @@ def make_docs(n: int, seed: int, tag: str) -> list[str]:
 
 def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
     opener = gzip.open if path.name.endswith(".gz") else open
+    path.parent.mkdir(parents=True, exist_ok=True)
     with opener(path, "wt", encoding="utf-8") as fh:
         for d in docs:
             fh.write(json.dumps({field: d, "id": 1}) + "\n")
@@ -38,20 +40,45 @@ def tok_dir(tmp_path_factory) -> Path:
     return train_tokenizer([src], root / "tok", TokenizerTrainConfig(vocab_size=320))
 
 
-def test_iter_documents_formats(tmp_path):
+def test_iter_file_formats(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     write_jsonl(tmp_path / "a.jsonl.gz", ["one", "two"])
     (tmp_path / "b.txt").write_text("first para\nstill first\n\n\n second\n\nthird\n")
     pq.write_table(pa.table({"content": ["p1", None, "p3"]}), tmp_path / "c.parquet")
-    assert [t for _, t in iter_documents(tmp_path / "a.jsonl.gz")] == ["one", "two"]
-    docs = list(iter_documents(tmp_path / "b.txt"))
-    assert [t for _, t in docs] == ["first para\nstill first", " second", "third"]
-    assert docs[1][0].endswith("b.txt:5")
-    whole = list(iter_documents(tmp_path / "b.txt", text_split="file"))
-    assert len(whole) == 1 and whole[0][1] == (tmp_path / "b.txt").read_text()
-    assert [t for _, t in iter_documents(tmp_path / "c.parquet", "content")] == ["p1", "", "p3"]
+    jsonl = list(iter_file(tmp_path / "a.jsonl.gz"))
+    assert [d.text for d in jsonl] == ["one", "two"] and jsonl[1].record["text"] == "two"
+    docs = list(iter_file(tmp_path / "b.txt"))
+    assert [d.text for d in docs] == ["first para\nstill first", " second", "third"]
+    assert docs[1].where.endswith("b.txt:5") and docs[1].record is None
+    whole = list(iter_file(tmp_path / "b.txt", text_split="file"))
+    assert len(whole) == 1 and whole[0].text == (tmp_path / "b.txt").read_text()
+    lines = list(iter_file(tmp_path / "b.txt", text_split="line"))
+    assert [d.text for d in lines] == ["first para", "still first", "", "", " second", "", "third"]
+    assert [d.text for d in iter_file(tmp_path / "c.parquet", "content")] == ["p1", "", "p3"]
+    # records: JSONL as written, other formats as {"id": where, field: text}
+    recs = list(iter_records([tmp_path / "a.jsonl.gz", tmp_path / "b.txt"]))
+    assert recs[0][1] == {"text": "one", "id": 1} and recs[2][1] == {"id": recs[2][0], "text": "first para\nstill first"}
+
+
+def test_directories_expand_to_their_shards_or_every_input_file(tmp_path):
+    synth = tmp_path / "synth"  # an `effilm synth` output: shards, a quiz and a manifest
+    write_jsonl(synth / "textbook" / "shard-00000.jsonl", ["a"])
+    write_jsonl(synth / "web" / "shard-00000.jsonl.gz", ["b"])
+    write_jsonl(synth / "quiz.jsonl", ["q"])
+    (synth / "manifest.json").write_text("{}")
+    assert expand_inputs(synth) == [synth / "textbook/shard-00000.jsonl", synth / "web/shard-00000.jsonl.gz"]
+    plain = tmp_path / "plain"
+    write_jsonl(plain / "b.jsonl", ["b"])
+    (plain / "a.txt").write_text("a")
+    (plain / "meta.json").write_text("{}")
+    (plain / ".hidden.txt").write_text("h")
+    assert expand_inputs([plain, plain / "a.txt"]) == [plain / "a.txt", plain / "b.jsonl"]
+    assert expand_inputs(str(plain / "*.txt")) == [plain / "a.txt"]
+    for bad, match in ((tmp_path / "nope.jsonl", "input file not found"), (str(tmp_path / "*.md"), "matches no file")):
+        with pytest.raises(EffilmError, match=match):
+            expand_inputs(bad)
 
 
 @pytest.mark.parametrize(
@@ -64,10 +91,10 @@ def test_iter_documents_formats(tmp_path):
         ("a.parquet", "not parquet", "not a readable parquet file"),
     ],
 )
-def test_iter_documents_errors(tmp_path, name, content, match):
+def test_iter_file_errors(tmp_path, name, content, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(EffilmError, match=match):
-        list(iter_documents(tmp_path / name))
+        list(iter_file(tmp_path / name))
 
 
 def test_tokenize_shards_manifest_and_roundtrip(tmp_path, tok_dir):

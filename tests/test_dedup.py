@@ -71,7 +71,7 @@ def test_cli_and_clear_errors(planted, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["removed_near"] == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "text": "x"}\n{"id": "b"}\n')
-    with pytest.raises(EffilmError, match=r"bad.jsonl:2: record has no string field 'text'"):
+    with pytest.raises(EffilmError, match=r"bad.jsonl:2: no field 'text'"):
         dedup_files([bad], tmp_path / "o2", tmp_path / "r2.json")
     assert main(["dedup", str(bad), "--out", str(tmp_path / "o2"), "--report", str(tmp_path / "r2.json")]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err

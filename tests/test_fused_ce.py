@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effilm.config.presets import get_preset
+from effilm.config import ModelConfig
 from effilm.models.fused_ce import default_chunk, linear_cross_entropy
 from effilm.models.transformer import build_model
 
@@ -63,7 +63,7 @@ def test_chunk_size_keeps_a_chunk_of_logits_near_32_mib():
 
 @pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe"])
 def test_model_forward_with_targets_equals_logits_then_loss(name):
-    cfg = get_preset(name)
+    cfg = ModelConfig.from_name(name)
     model = build_model(cfg, seed=0).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(2))
     inp, tgt = ids[:, :-1], ids[:, 1:]

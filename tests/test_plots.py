@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from effilm.cli import main
-from effilm.config.presets import get_preset
+from effilm.config import ModelConfig
 from effilm.errors import ConfigError, EffilmError
 from effilm.reports.metrics import (
     active_flops_series,
@@ -144,7 +144,7 @@ def test_nan_loss_is_left_out_of_the_curve(tmp_path):
 
 
 def test_expert_load_relative_to_uniform(tmp_path):
-    cfg = get_preset("tiny-moe")
+    cfg = ModelConfig.from_name("tiny-moe")
     run = load_run(make_run(tmp_path, "tiny-moe", steps=40, stages=("web",)))
     loads = expert_loads(run.metrics)
     E = cfg.moe.num_experts
@@ -171,7 +171,7 @@ def test_expert_load_uses_moe_layer_indices_and_normalises_counts(tmp_path):
 
 def test_active_flops_from_records_and_from_config(tmp_path):
     run = load_run(make_run(tmp_path, "tiny-arctic"))
-    per_token = 3 * get_preset("tiny-arctic").flops_per_token(SEQ_LEN)
+    per_token = 3 * ModelConfig.from_name("tiny-arctic").flops_per_token(SEQ_LEN)
     f = active_flops_series(run)
     assert f.tokens == [s * TOKENS_PER_STEP * per_token for s in f.steps]
     vf = val_flops_series(run)
@@ -220,7 +220,7 @@ def test_plot_runs_writes_each_run_and_the_comparison(plotted):
 
 def test_png_sizes_follow_the_layout(plotted):
     out, _, _ = plotted
-    d, n_layers = SMALL.dpi, get_preset("tiny-arctic").n_layers
+    d, n_layers = SMALL.dpi, ModelConfig.from_name("tiny-arctic").n_layers
     assert size_is(out / "tiny-arctic" / "loss.png", SMALL.panel_width * 2 * d, SMALL.panel_height * 2 * d)
     assert size_is(out / "tiny-arctic" / "expert_load.png", SMALL.panel_width * d, SMALL.heatmap_height * n_layers * d)
     # grad norm and throughput for both; the MoE run adds aux loss and dropped fraction (2 x 2 panels)

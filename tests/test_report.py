@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from effilm.config.presets import get_preset
+from effilm.config import ModelConfig
 from effilm.errors import ConfigError, EffilmError
 from effilm.reports.markup import format_cell, inline_html, is_quantity, text_html
 from effilm.reports.plots import PlotConfig, plot_runs
@@ -171,7 +171,7 @@ def test_markup_escapes_and_links():
 
 
 def test_model_cost_table():
-    t = model_cost_table(["tiny-dense", "tiny-arctic", get_preset("arctic"), get_preset("openelm-270m").to_dict()], 512)
+    t = model_cost_table(["tiny-dense", "tiny-arctic", ModelConfig.from_name("arctic"), ModelConfig.from_name("openelm-270m").to_dict()], 512)
     assert len(t["headers"]) == len(t["rows"][0]) == 9 and "512-token" in t["caption"]
     rows = {r[0]: dict(zip(t["headers"], r)) for r in t["rows"]}
     dense, hybrid, arctic = rows["tiny-dense"], rows["tiny-arctic"], rows["arctic"]

@@ -60,12 +60,13 @@ def register(sub) -> None:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
+    from effilm.config import ModelConfig
     from effilm.config.cost import num_active_params, num_params
-    from effilm.config.presets import DESCRIPTIONS, get_preset, preset_names
+    from effilm.config.presets import DESCRIPTIONS, preset_names
 
     rows = []
     for name in preset_names():
-        cfg = get_preset(name)
+        cfg = ModelConfig.from_name(name)
         rows.append({"name": name, "total_params": num_params(cfg), "active_params": num_active_params(cfg),
                      "description": DESCRIPTIONS.get(name, "")})  # fmt: skip
     if args.json:

@@ -13,8 +13,10 @@ and softmax are left out: they are well under 1% for every preset.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from effilm.config.model import ModelConfig
+if TYPE_CHECKING:  # annotations only: ModelConfig's cost methods call into this module
+    from effilm.config.model import ModelConfig
 
 
 @dataclass(frozen=True)

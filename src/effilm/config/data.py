@@ -38,7 +38,7 @@ def _f(default: Any = None, help: str = "", factory=None):  # noqa: A002 - 'help
     return field(default=default, metadata={"help": help})
 
 
-TEXT_SPLITS = ("paragraph", "file")
+TEXT_SPLITS = ("paragraph", "line", "file")
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 CHAT_ROLES = ("system", "user", "assistant")
@@ -82,7 +82,7 @@ class TokenizerTrainConfig:
 
     vocab_size: int = _f(32000, "Final vocabulary size, special tokens included.")
     text_field: str = _f("text", "JSONL / parquet field that holds the document text.")
-    text_split: str = _f("paragraph", f"Plain-text documents: one of {TEXT_SPLITS} (blank-line blocks or whole files).")
+    text_split: str = _f("paragraph", f"Plain-text documents: one of {TEXT_SPLITS} (blank-line blocks, single lines or whole files).")
     min_frequency: int = _f(2, "A pair must occur this often to be merged.")
     eos_token: str = _f(EOS_TOKEN, "End-of-text token; also used as BOS (GPT-2 convention).")
     pad_token: str = _f(PAD_TOKEN, "Padding token.")
@@ -112,7 +112,7 @@ class TokenizeConfig:
     """Turning text files into token shards (``effilm data tokenize``)."""
 
     text_field: str = _f("text", "JSONL / parquet field that holds the document text.")
-    text_split: str = _f("paragraph", f"Plain-text documents: one of {TEXT_SPLITS} (blank-line blocks or whole files).")
+    text_split: str = _f("paragraph", f"Plain-text documents: one of {TEXT_SPLITS} (blank-line blocks, single lines or whole files).")
     shard_tokens: int = _f(1 << 26, "Start a new shard once the current one holds at least this many tokens.")
     workers: int = _f(1, "Tokenizer processes; output is identical for any number.")
     batch_docs: int = _f(512, "Documents encoded per call (and per work item sent to a worker).")

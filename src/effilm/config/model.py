@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import effilm.config.cost as cost
+from effilm.config.presets import preset_dict
 from effilm.errors import ConfigError
 
 
@@ -238,30 +240,18 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> ModelConfig:
-        from effilm.config.presets import get_preset
-
-        cfg = get_preset(name)
-        if overrides:
-            d = cfg.to_dict()
-            d.update(overrides)
-            cfg = cls.from_dict(d)
-        return cfg
+        """Preset ``name`` (see ``effilm.config.presets``), with ``overrides`` of any field."""
+        return cls.from_dict({**preset_dict(name), **overrides})
 
     # ----- cost accounting (see effilm.config.cost) -----------------------------------------
     def num_params(self) -> int:
-        from effilm.config.cost import num_params
-
-        return num_params(self)
+        return cost.num_params(self)
 
     def num_active_params(self) -> int:
-        from effilm.config.cost import num_active_params
-
-        return num_active_params(self)
+        return cost.num_active_params(self)
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        from effilm.config.cost import flops_per_token
-
-        return flops_per_token(self, seq_len)
+        return cost.flops_per_token(self, seq_len)
 
 
 def _linspace_round(lo: float, hi: float, n: int) -> list[float]:

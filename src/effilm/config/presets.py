@@ -1,16 +1,22 @@
-"""Named presets: the real Arctic, Phi-3, Mixtral and OpenELM architectures, and tiny CPU models.
+"""Named presets, as data: the real Arctic, Phi-3, Mixtral and OpenELM architectures, and tiny CPU models.
 
-Figures and key facts come from the published configs (HF Hub config.json files, Snowflake's
-modeling_arctic.py and vLLM's arctic.py, Apple's OpenELM configs). ``effilm params NAME`` prints
-each preset's cost; tests check the counts against a meta-device build and the published totals.
+Each preset is a plain dict of ``ModelConfig`` fields (a nested ``moe`` dict for MoE models);
+``ModelConfig.from_name(NAME)`` builds it. Figures and key facts come from the published configs
+(HF Hub config.json files, Snowflake's modeling_arctic.py and vLLM's arctic.py, Apple's OpenELM
+configs). ``effilm params NAME`` prints each preset's cost; tests check the counts against a
+meta-device build and the published totals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
 
-from effilm.config.model import ModelConfig, MoEConfig
 from effilm.errors import ConfigError, closest
+
+# The real architectures whose cost the demo and its report show beside the tiny models.
+REAL_PRESETS = ("arctic", "phi-3-mini-4k", "openelm-270m")
+# The context at which cost tables compare models (FLOPs per token depend on it).
+COST_SEQ_LEN = 2048
 
 # Phi-3-mini-128k (June 2024 revision) / Phi-3.5-mini LongRoPE factors, one per rotary frequency.
 _PHI3_LONG = [
@@ -39,26 +45,26 @@ _PHI3_SHORT = [
 ]  # fmt: skip
 
 
-def _arctic() -> ModelConfig:
-    return ModelConfig(
+def _arctic() -> dict:
+    return dict(
         name="arctic", vocab_size=32000, d_model=7168, n_layers=35, n_heads=56, n_kv_heads=8, head_dim=128,
         ffn_dim=4864, residual_ffn_dim=7168, layer_pattern="H", rope_theta=1e4, max_seq_len=4096,
-        norm_eps=1e-5, moe=MoEConfig(num_experts=128, top_k=2, expert_ffn_dim=4864, aux_loss_coef=0.001),
+        norm_eps=1e-5, moe=dict(num_experts=128, top_k=2, expert_ffn_dim=4864, aux_loss_coef=0.001),
         hf_architecture="ArcticForCausalLM", bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
 
 
-def _phi3(name: str, d: int, layers: int, heads: int, kv: int, ffn: int, **kw) -> ModelConfig:
+def _phi3(name: str, d: int, layers: int, heads: int, kv: int, ffn: int, **kw) -> dict:
     base = dict(
         name=name, vocab_size=32064, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn,
         rope_theta=1e4, max_seq_len=4096, norm_eps=1e-5, hf_architecture="Phi3ForCausalLM",
         bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
     )  # fmt: skip
     base.update(kw)
-    return ModelConfig(**base)
+    return base
 
 
-def _phi3_mini_128k() -> ModelConfig:
+def _phi3_mini_128k() -> dict:
     return _phi3(
         "phi-3-mini-128k", 3072, 32, 32, 32, 8192, max_seq_len=131072, rope_type="longrope",
         rope_original_max_seq_len=4096, rope_short_factor=_PHI3_SHORT, rope_long_factor=_PHI3_LONG,
@@ -66,10 +72,10 @@ def _phi3_mini_128k() -> ModelConfig:
     )  # fmt: skip
 
 
-def _phi3_small() -> ModelConfig:
+def _phi3_small() -> dict:
     # Phi-3-small-8k: GeGLU (gegelu, limit 20), 100352-token tiktoken vocabulary, LayerNorm with
     # biases, biases on every projection, tied embeddings, block-sparse attention in alternate layers.
-    return ModelConfig(
+    return dict(
         name="phi-3-small-8k", vocab_size=100352, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
         ffn_dim=14336, activation="gegelu", gegelu_limit=20.0, norm="layernorm", norm_bias=True,
         attn_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True, rope_theta=1e6,
@@ -77,30 +83,30 @@ def _phi3_small() -> ModelConfig:
     )  # fmt: skip
 
 
-def _phi35_moe() -> ModelConfig:
+def _phi35_moe() -> dict:
     # Phi-3.5-MoE. Its LongRoPE factor tables are checkpoint data not bundled here: loading the
     # real config.json brings them; the preset describes the model at its 4k original context.
-    return ModelConfig(
+    return dict(
         name="phi-3.5-moe", vocab_size=32064, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
         ffn_dim=6400, layer_pattern="M", norm="layernorm", norm_bias=True, norm_eps=1e-5, attn_bias=True,
         attn_out_bias=True, lm_head_bias=True, rope_theta=1e4, max_seq_len=4096,
-        moe=MoEConfig(num_experts=16, top_k=2, expert_ffn_dim=6400, router="sparsemixer", renormalize=False,
+        moe=dict(num_experts=16, top_k=2, expert_ffn_dim=6400, router="sparsemixer", renormalize=False,
                       router_jitter_eps=0.01, aux_loss_coef=0.0),
         hf_architecture="PhimoeForCausalLM", bos_token_id=1, eos_token_id=32000,
     )  # fmt: skip
 
 
-def _mixtral() -> ModelConfig:
-    return ModelConfig(
+def _mixtral() -> dict:
+    return dict(
         name="mixtral-8x7b", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
         ffn_dim=14336, layer_pattern="M", rope_theta=1e6, max_seq_len=32768, norm_eps=1e-5,
-        moe=MoEConfig(num_experts=8, top_k=2, expert_ffn_dim=14336, aux_loss_coef=0.02),
+        moe=dict(num_experts=8, top_k=2, expert_ffn_dim=14336, aux_loss_coef=0.02),
         hf_architecture="MixtralForCausalLM", bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
 
 
-def _openelm(name: str, layers: int, d: int, head_dim: int) -> ModelConfig:
-    return ModelConfig(
+def _openelm(name: str, layers: int, d: int, head_dim: int) -> dict:
+    return dict(
         name=name, vocab_size=32000, d_model=d, n_layers=layers, n_heads=d // head_dim, head_dim=head_dim,
         ffn_dim=0, qkv_multipliers=[0.5, 1.0], ffn_multipliers=[0.5, 4.0], num_gqa_groups=4,
         ffn_dim_divisor=256, qk_norm=True, tie_embeddings=True, norm_eps=1e-6, rope_theta=1e4,
@@ -111,36 +117,36 @@ def _openelm(name: str, layers: int, d: int, head_dim: int) -> ModelConfig:
 # Tiny models for CPU work. tiny-dense and tiny-arctic have the same active MLP width
 # (576 = 192 residual + 2 x 192 experts), so they match in active parameters. tiny-arctic keeps
 # Arctic's own constraint (residual MLP width = hidden size) so it exports to Arctic's format.
-def _tiny(name: str, **kw) -> ModelConfig:
+def _tiny(name: str, **kw) -> dict:
     base = dict(
         name=name, vocab_size=4096, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=576,
         max_seq_len=512, rope_theta=1e4, tie_embeddings=True, norm_eps=1e-5,
     )  # fmt: skip
     base.update(kw)
-    return ModelConfig(**base)
+    return base
 
 
-PRESETS: dict[str, Callable[[], ModelConfig]] = {
-    "arctic": _arctic,
-    "phi-3-mini-4k": lambda: _phi3("phi-3-mini-4k", 3072, 32, 32, 32, 8192, sliding_window=2047),
-    "phi-3-mini-128k": _phi3_mini_128k,
-    "phi-3-small-8k": _phi3_small,
-    "phi-3-medium-4k": lambda: _phi3("phi-3-medium-4k", 5120, 40, 40, 10, 17920, sliding_window=2047),
-    "phi-3.5-moe": _phi35_moe,
-    "mixtral-8x7b": _mixtral,
-    "openelm-270m": lambda: _openelm("openelm-270m", 16, 1280, 64),
-    "openelm-450m": lambda: _openelm("openelm-450m", 20, 1536, 64),
-    "openelm-1.1b": lambda: _openelm("openelm-1.1b", 28, 2048, 64),
-    "openelm-3b": lambda: _openelm("openelm-3b", 36, 3072, 128),
-    "tiny-dense": lambda: _tiny("tiny-dense"),
-    "tiny-moe": lambda: _tiny(
-        "tiny-moe", layer_pattern="M", moe=MoEConfig(num_experts=8, top_k=2, expert_ffn_dim=288)
+PRESETS: dict[str, dict] = {
+    "arctic": _arctic(),
+    "phi-3-mini-4k": _phi3("phi-3-mini-4k", 3072, 32, 32, 32, 8192, sliding_window=2047),
+    "phi-3-mini-128k": _phi3_mini_128k(),
+    "phi-3-small-8k": _phi3_small(),
+    "phi-3-medium-4k": _phi3("phi-3-medium-4k", 5120, 40, 40, 10, 17920, sliding_window=2047),
+    "phi-3.5-moe": _phi35_moe(),
+    "mixtral-8x7b": _mixtral(),
+    "openelm-270m": _openelm("openelm-270m", 16, 1280, 64),
+    "openelm-450m": _openelm("openelm-450m", 20, 1536, 64),
+    "openelm-1.1b": _openelm("openelm-1.1b", 28, 2048, 64),
+    "openelm-3b": _openelm("openelm-3b", 36, 3072, 128),
+    "tiny-dense": _tiny("tiny-dense"),
+    "tiny-moe": _tiny(
+        "tiny-moe", layer_pattern="M", moe=dict(num_experts=8, top_k=2, expert_ffn_dim=288)
     ),
-    "tiny-arctic": lambda: _tiny(
+    "tiny-arctic": _tiny(
         "tiny-arctic", layer_pattern="H", ffn_dim=192, residual_ffn_dim=192,
-        moe=MoEConfig(num_experts=32, top_k=2, expert_ffn_dim=192), hf_architecture="ArcticForCausalLM",
+        moe=dict(num_experts=32, top_k=2, expert_ffn_dim=192), hf_architecture="ArcticForCausalLM",
     ),
-    "tiny-openelm": lambda: _tiny(
+    "tiny-openelm": _tiny(
         "tiny-openelm", n_heads=6, n_kv_heads=None, head_dim=32, ffn_dim=0, qkv_multipliers=[0.5, 1.0],
         ffn_multipliers=[0.5, 4.0], num_gqa_groups=4, ffn_dim_divisor=64, qk_norm=True,
     ),
@@ -169,9 +175,10 @@ def preset_names() -> list[str]:
     return list(PRESETS)
 
 
-def get_preset(name: str) -> ModelConfig:
+def preset_dict(name: str) -> dict:
+    """A copy of preset ``name``'s fields; ``ModelConfig.from_name`` builds the config from it."""
     try:
-        return PRESETS[name]()
+        return copy.deepcopy(PRESETS[name])
     except KeyError:
         near = closest(name, PRESETS)
         hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""

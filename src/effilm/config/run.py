@@ -222,9 +222,7 @@ def model_from_table(t: dict) -> ModelConfig:
     t = dict(t)
     preset = t.pop("preset", None)
     if preset is not None:
-        from effilm.config.presets import get_preset
-
-        base = get_preset(preset).to_dict()
+        base = ModelConfig.from_name(preset).to_dict()
         moe_over = t.pop("moe", None)
         if isinstance(moe_over, dict) and isinstance(base.get("moe"), dict):
             base["moe"] = {**base["moe"], **moe_over}

@@ -19,8 +19,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from effilm.data.inputs import iter_records
 from effilm.errors import ConfigError, EffilmError
-from effilm.io import atomic_open, atomic_write_json, iter_jsonl
+from effilm.io import atomic_open, atomic_write_json
 
 _PUNCT = re.compile(r"[^\w\s]|_", re.UNICODE)
 _DIGIT = re.compile(r"\d", re.UNICODE)
@@ -85,25 +86,6 @@ class MinHasher:
         return m
 
 
-def iter_inputs(inputs: Iterable[str | Path], text_field: str = "text") -> Iterator[tuple[str, dict]]:
-    """``(where, record)`` for JSONL files (``.gz`` ok) and synth output directories (their shards)."""
-    for inp in inputs:
-        p = Path(inp)
-        if p.is_dir():
-            files = sorted(p.rglob("shard-*.jsonl")) + sorted(p.rglob("shard-*.jsonl.gz"))
-            if not files:
-                raise EffilmError(f"{p}: directory holds no shard-*.jsonl files")
-        elif p.is_file():
-            files = [p]
-        else:
-            raise EffilmError(f"{p}: no such file or directory")
-        for f in files:
-            for lineno, rec in iter_jsonl(f):
-                if not isinstance(rec.get(text_field), str):
-                    raise EffilmError(f"{f}:{lineno}: record has no string field {text_field!r}")
-                yield f"{f}:{lineno}", rec
-
-
 def dedup_records(records: Iterable[tuple[str, dict]], cfg: DedupConfig) -> Iterator[tuple[str, dict, dict | None]]:
     """Yield ``(where, record, verdict)``; verdict is None for a kept record, else a dict
     ``{"reason": "exact"|"near", "duplicate_of": id, "jaccard": est}``."""
@@ -148,7 +130,7 @@ def dedup_files(inputs, out_dir, report_path, cfg: DedupConfig | None = None) ->
     clusters: dict[str, dict] = {}
     n = kept = exact_n = near_n = nbytes = 0
     with atomic_open(out / "kept.jsonl") as fk, atomic_open(out / "removed.jsonl") as fr:
-        for where, rec, verdict in dedup_records(iter_inputs(inputs, cfg.text_field), cfg):
+        for where, rec, verdict in dedup_records(iter_records(inputs, cfg.text_field), cfg):
             n += 1
             nbytes += len(rec[cfg.text_field].encode())
             line = json.dumps(rec, ensure_ascii=False)

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from effilm.data.inputs import iter_records
 from effilm.errors import ConfigError, closest
 from effilm.io import atomic_open, atomic_write_json
 
@@ -140,14 +141,12 @@ def apply_filters(records: Iterable[tuple[str, dict]], cfg: FilterConfig) -> Ite
 
 def filter_files(inputs, out_dir, report_path, cfg: FilterConfig | None = None) -> dict:
     """Filter ``inputs`` into ``out_dir`` (kept.jsonl, rejects.jsonl) and write the report."""
-    from effilm.data.dedup import iter_inputs
-
     cfg = cfg or FilterConfig()
     out = Path(out_dir)
     per = {f: {"rejected": 0, "examples": []} for f in FILTERS}
     n = kept = 0
     with atomic_open(out / "kept.jsonl") as fk, atomic_open(out / "rejects.jsonl") as fr:
-        for where, rec, verdict in apply_filters(iter_inputs(inputs, cfg.text_field), cfg):
+        for where, rec, verdict in apply_filters(iter_records(inputs, cfg.text_field), cfg):
             n += 1
             if verdict is None:
                 kept += 1

@@ -1,13 +1,7 @@
-"""Token shards: read documents from text files, tokenize them into shards, open shards safely.
+"""Token shards: tokenize documents into shards, open shards safely.
 
-Input formats (picked by suffix; ``.gz`` is decompressed on the fly for the text formats):
-
-* ``.jsonl`` / ``.ndjson``: one JSON object per line; the text sits in ``text_field``.
-* ``.parquet``: the ``text_field`` column, read in record batches.
-* ``.txt`` / ``.md`` / ``.text``: with ``text_split="paragraph"`` (default) each block of lines
-  separated by one or more blank lines is a document; with ``"file"`` the whole file is one.
-
-Empty documents are skipped and counted in the manifest; a record without the text field, or
+Documents come from the one input reader, :mod:`effilm.data.inputs` (JSONL, parquet and text,
+gzipped or not). Empty documents are skipped and counted in the manifest; a record without the text field, or
 with a non-string one, is an error naming ``file:line``.
 
 A dataset directory written by ``tokenize_files`` holds
@@ -25,136 +19,22 @@ always, sha256 unless ``verify=False``) and memory-maps the shards.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 from effilm.config.data import TokenizeConfig
+from effilm.data.inputs import expand_inputs, iter_file
 from effilm.errors import EffilmError
-from effilm.io import atomic_dir, iter_jsonl, open_text, sha256_file
+from effilm.io import atomic_dir, sha256_file
 
 FORMAT = "effilm.tokens"
 FORMAT_VERSION = 1
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-PARQUET_SUFFIXES = (".parquet",)
 # Batches in flight per worker process: bounds memory while keeping workers busy.
 INFLIGHT_PER_WORKER = 4
-
-
-def _kind(path: Path) -> str:
-    name = path.name.lower()
-    base = name[:-3] if name.endswith(".gz") else name
-    if base.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    if base.endswith(TEXT_SUFFIXES):
-        return "text"
-    if name.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    raise EffilmError(
-        f"{path}: unsupported input format; use {', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES + PARQUET_SUFFIXES)}"
-        " (text formats may end in .gz)"
-    )
-
-
-def expand_inputs(inputs) -> list[Path]:
-    """Files named by ``inputs`` (paths, directories or glob patterns), in a stable order.
-
-    Every input must exist and every file must have a supported suffix; duplicates are dropped.
-    """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if any(ch in str(item) for ch in "*?["):
-            found = sorted(Path(m) for m in glob.glob(str(item), recursive=True) if Path(m).is_file())
-            if not found:
-                raise EffilmError(f"input pattern {item!r} matches no file")
-            files.extend(found)
-        elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-            if not found:
-                raise EffilmError(f"input directory {p} holds no file")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise EffilmError(f"input file not found: {p}")
-    if not files:
-        raise EffilmError("no input files given")
-    seen, unique = set(), []
-    for f in files:
-        _kind(f)
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique
-
-
-def iter_documents(path, text_field: str = "text", text_split: str = "paragraph") -> Iterator[tuple[str, str]]:
-    """Yield ``(location, text)`` for every document of one file; ``location`` names file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise EffilmError(f"input file not found: {path}")
-    kind = _kind(path)
-    if kind == "jsonl":
-        for lineno, rec in iter_jsonl(path):
-            if text_field not in rec:
-                raise EffilmError(
-                    f"{path}:{lineno}: no field {text_field!r} (fields: {', '.join(map(str, rec)) or 'none'});"
-                    " choose one with --text-field"
-                )
-            text = rec[text_field]
-            if not isinstance(text, str):
-                raise EffilmError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
-            yield f"{path}:{lineno}", text
-    elif kind == "parquet":
-        yield from _iter_parquet(path, text_field)
-    elif text_split == "file":
-        with open_text(path) as fh:
-            yield f"{path}:1", fh.read()
-    else:
-        block: list[str] = []
-        start = 1
-        with open_text(path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    if not block:
-                        start = lineno
-                    block.append(line)
-                elif block:
-                    yield f"{path}:{start}", "".join(block).rstrip("\n")
-                    block = []
-        if block:
-            yield f"{path}:{start}", "".join(block).rstrip("\n")
-
-
-def _iter_parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:
-        raise EffilmError(f"{path}: not a readable parquet file ({exc})") from None
-    names = pf.schema_arrow.names
-    if text_field not in names:
-        raise EffilmError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); choose one with --text-field")
-    row = 0
-    for batch in pf.iter_batches(columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            if text is None:
-                text = ""
-            if not isinstance(text, str):
-                raise EffilmError(f"{path}: row {row}: column {text_field!r} is {type(text).__name__}, not a string")
-            yield f"{path}:row {row}", text
 
 
 # ---------------------------------------------------------------- tokenizing into shards
@@ -255,7 +135,8 @@ def _batches(files: list[Path], cfg: TokenizeConfig, stats: list[dict]):
     """Yield ``(file_index, texts)`` batches of non-empty documents, counting skipped ones."""
     for fi, f in enumerate(files):
         texts: list[str] = []
-        for _, text in iter_documents(f, cfg.text_field, cfg.text_split):
+        for doc in iter_file(f, cfg.text_field, cfg.text_split):
+            text = doc.text
             if not text.strip():
                 stats[fi]["skipped_empty"] += 1
                 continue

@@ -46,15 +46,15 @@ def train_tokenizer(inputs, out, cfg: TokenizerTrainConfig | None = None) -> Pat
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-    from effilm.data.shards import expand_inputs, iter_documents
+    from effilm.data.inputs import expand_inputs, iter_file
 
     cfg = cfg or TokenizerTrainConfig()
     files = expand_inputs(inputs)
 
     def texts():
         for f in files:
-            for _, text in iter_documents(f, cfg.text_field, cfg.text_split):
-                yield text
+            for doc in iter_file(f, cfg.text_field, cfg.text_split):
+                yield doc.text
 
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

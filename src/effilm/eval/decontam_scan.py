@@ -1,8 +1,9 @@
 """Streaming corpus shards through the n-gram index, in parallel; the report and the clean-out.
 
-Corpus files are JSONL (one document per line in ``text_field``, id in ``id_field``) or plain
-text (one document per line, its id the line number), either optionally gzipped. Each file is one
-shard; ``workers`` shards run at once in separate processes.
+Corpus files are read by the one input reader (:mod:`effilm.data.inputs`): JSONL (one document
+per line in ``text_field``, id in ``id_field``), parquet, or plain text (one document per line,
+its id the line number), gzipped or not. Each file is one shard; ``workers`` shards run at once in
+separate processes.
 """
 
 from __future__ import annotations
@@ -14,31 +15,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from effilm.data.inputs import expand_inputs, iter_file
 from effilm.errors import EffilmError
 from effilm.eval.decontam import DecontamConfig, NgramIndex, clean_text, items_from_tasks, scan_texts
 
 _INDEX: NgramIndex | None = None
 
 
-def _is_jsonl(path: str) -> bool:
-    return path.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz"))
-
-
 def iter_documents(path: str, cfg: DecontamConfig) -> Iterator[tuple[int, str, dict | None, str]]:
     """(line number, document id, JSON record or None, text) for each document of a shard."""
-    from effilm.io import iter_jsonl, open_text
-
-    if _is_jsonl(path):
-        for lineno, rec in iter_jsonl(path):
-            text = rec.get(cfg.text_field)
-            if not isinstance(text, str):
-                raise EffilmError(f"{path}:{lineno}: record has no string field {cfg.text_field!r}")
-            doc_id = rec.get(cfg.id_field)
-            yield lineno, str(doc_id) if doc_id is not None else str(lineno), rec, text
-        return
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            yield lineno, str(lineno), None, line.rstrip("\n")
+    for d in iter_file(path, cfg.text_field, text_split="line"):
+        doc_id = d.record.get(cfg.id_field) if d.record is not None else None
+        yield d.line, str(doc_id) if doc_id is not None else str(d.line), d.record, d.text
 
 
 def _batches(docs, batch_chars: int):
@@ -114,10 +102,7 @@ def find_contamination(benchmarks, corpus, cfg: DecontamConfig | None = None, *,
 
     cfg = cfg or DecontamConfig()
     tasks = [b if isinstance(b, Task) else load_task(b, task_cfg) for b in benchmarks]
-    corpus = [str(c) for c in corpus]
-    for c in corpus:
-        if not Path(c).is_file():
-            raise EffilmError(f"{c}: corpus file not found")
+    corpus = [str(c) for c in expand_inputs(corpus)]
     names = [Path(c).name.removesuffix(".gz") for c in corpus]
     if clean_out and len(set(names)) != len(names):
         raise EffilmError("--clean-out: two corpus files share a name; their cleaned copies would collide")
@@ -197,7 +182,7 @@ def source_files(sources) -> list[dict]:
     JSONL/parquet/text file, a directory of them or a glob. A file named by a manifest that is gone
     or changed since tokenizing is an error: the check must scan the text that was trained on.
     """
-    from effilm.data.shards import FORMAT, expand_inputs
+    from effilm.data.shards import FORMAT
     from effilm.io import sha256_file
 
     if isinstance(sources, (str, os.PathLike)):
@@ -245,7 +230,6 @@ def precheck(sources, benchmarks, cfg: DecontamConfig | None = None, *, fail_on_
     totals. With ``fail_on_contamination`` a confirmed hit raises an EffilmError that lists the
     first ``max_listed`` hits.
     """
-    from effilm.data.shards import iter_documents as iter_source_documents
     from effilm.eval.tasks import Task, load_task
 
     cfg = cfg or DecontamConfig()
@@ -255,8 +239,8 @@ def precheck(sources, benchmarks, cfg: DecontamConfig | None = None, *, fail_on_
     index = NgramIndex(items_from_tasks(tasks), cfg)
     hits, n_docs, n_chars = [], 0, 0
     for f in files:
-        docs = iter_source_documents(f["path"], f["text_field"], f["text_split"])
-        for batch in _batches(((loc, None, None, text) for loc, text in docs), cfg.batch_chars):
+        docs = iter_file(f["path"], f["text_field"], f["text_split"])
+        for batch in _batches(((d.where, None, None, d.text) for d in docs), cfg.batch_chars):
             for (loc, _, _, text), found in zip(batch, scan_texts([d[3] for d in batch], index), strict=True):
                 n_docs += 1
                 n_chars += len(text)

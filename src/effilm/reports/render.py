@@ -324,11 +324,10 @@ def model_cost_table(models, seq_len: int | None = None) -> dict:
     per token (bf16). ``models`` holds preset names, ``ModelConfig`` objects or model-config dicts."""
     from effilm.config.cost import cost_summary, human_bytes, human_count
     from effilm.config.model import ModelConfig
-    from effilm.config.presets import get_preset
 
     rows = []
     for m in models:
-        cfg = get_preset(m) if isinstance(m, str) else ModelConfig.from_dict(m) if isinstance(m, dict) else m
+        cfg = ModelConfig.from_name(m) if isinstance(m, str) else ModelConfig.from_dict(m) if isinstance(m, dict) else m
         if not isinstance(cfg, ModelConfig):
             raise EffilmError(f"model_cost_table: expected a preset name, ModelConfig or dict, got {type(m).__name__}")
         c = cost_summary(cfg, seq_len)
