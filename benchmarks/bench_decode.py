@@ -17,7 +17,7 @@ random weights, exported with ``effilm.save_hf`` so both libraries load the same
    sequence at a time, so llama.cpp has no batched rows).
 
 ``--model DIR`` benchmarks any model directory instead (an effilm checkpoint, an HF directory, or
-whatever ``effilm.formats.checkpoint.load`` reads, quantized checkpoints included): transformers runs on
+whatever ``effilm.formats.load.load`` reads, quantized checkpoints included): transformers runs on
 it when it is an HF directory or when ``effilm.save_hf`` can export it, else its rows are skipped.
 Repeat ``--model`` for several rows (e.g. fp32 and int8). ``--no-int8`` / ``--no-llama-cpp`` drop
 those arms.
@@ -176,7 +176,7 @@ def _engine(model):
 
 def bench_model(label: str, path: Path, tmp: Path, args, tok_dir: Path | None = None, extra_arms: bool = False) -> list[dict]:
     """Rows for one model; ``extra_arms`` (the default tiny models) adds effilm int8 and llama.cpp."""
-    from effilm.formats.checkpoint import load
+    from effilm.formats.load import load
 
     model = load(path)
     hf = None if args.no_hf else _hf_model(path, tmp, model)
@@ -185,7 +185,8 @@ def bench_model(label: str, path: Path, tmp: Path, args, tok_dir: Path | None = 
     runners = {"effilm": lambda p, n: _run_effilm(engine, p, n)}
     batched = dict(runners)
     if extra_arms and not args.no_int8:
-        from effilm.quant.quantize import QuantConfig, quantize_model
+        from effilm.config.quant import QuantConfig
+        from effilm.quant.quantize import quantize_model
 
         q_engine = _engine(quantize_model(load(path), QuantConfig(bits=8))[0])
         runners["effilm int8"] = batched["effilm int8"] = lambda p, n: _run_effilm(q_engine, p, n)

@@ -83,11 +83,13 @@ def main() -> int:
 
     from effilm.config.data import TokenizerTrainConfig
     from effilm.config.model import ModelConfig
+    from effilm.config.quant import QuantConfig
     from effilm.data.tokenizer import load_tokenizer, train_tokenizer
-    from effilm.formats.checkpoint import load, save
+    from effilm.formats.checkpoint import save
+    from effilm.formats.load import load
     from effilm.io import atomic_write_json
     from effilm.models.transformer import build_model
-    from effilm.quant.quantize import QuantConfig, quantize_model, save_quantized
+    from effilm.quant.quantize import quantize_model, save_quantized
     from effilm.quant.report import build_report, format_report, windows
 
     torch.set_num_threads(1)

@@ -49,8 +49,11 @@ def test_corrupt_and_missing_files(tmp_path):
         effilm.load(tmp_path / "ck")
     with pytest.raises(CheckpointError, match="no config.json"):
         effilm.load(tmp_path)
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(CheckpointError, match="nope: no such model directory"):
         effilm.load(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="file: not a directory"):
+        effilm.load(tmp_path / "file")
 
 
 def test_mis_shaped_effilm_tensor_is_named(tmp_path):

@@ -43,7 +43,7 @@ def test_bad_input_is_one_clear_line():
     assert p.returncode == 2 and "unknown preset 'phi3-mini'" in p.stderr and "did you mean" in p.stderr
     assert "Traceback" not in p.stderr
     p = effilm("convert", "/nonexistent", "/tmp/x", "--to", "hf", check=False)
-    assert p.returncode == 2 and "not a directory" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "no such model directory" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_convert_both_ways(tmp_path):

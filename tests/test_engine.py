@@ -383,7 +383,8 @@ def test_cpu_layout_keeps_values_ties_and_tokens(name, tmp_path):
     head stays tied), same tokens as an engine on an untouched copy, and a checkpoint still saves."""
     import copy
 
-    from effilm.formats.checkpoint import load, save
+    from effilm.formats.checkpoint import save
+    from effilm.formats.load import load
     from effilm.inference.decode import use_cpu_layout
 
     model = tiny(name, init_std=0.08)
@@ -413,8 +414,9 @@ def test_cpu_layout_keeps_values_ties_and_tokens(name, tmp_path):
 def test_fast_steps_run_int8_models(name):
     """An int8 (per-channel) quantized model takes the fast steps too (the chosen experts' codes are
     read directly) and gives the tokens and logits of its own Transformer.forward."""
+    from effilm.config.quant import QuantConfig
     from effilm.inference.decode import decode_step, prefill
-    from effilm.quant.quantize import QuantConfig, quantize_model
+    from effilm.quant.quantize import quantize_model
 
     model, _ = quantize_model(tiny(name, **LIVELY), QuantConfig(bits=8))
     fast, plain = Engine(model, None), Engine(model, None, fast=False)

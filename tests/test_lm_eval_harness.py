@@ -2,7 +2,7 @@
 
 lm-eval runs its own ``hf`` model on a local tiny Llama directory, with an MMLU-style task defined
 by local YAML and JSON files (one task per subject, as MMLU is; ``first_n`` few-shot from dev),
-fully offline. effilm loads the same directory through ``effilm.formats.checkpoint.load`` and scores the
+fully offline. effilm loads the same directory through ``effilm.formats.load.load`` and scores the
 same items with its own scorer; per-item letter log-likelihoods must agree to 1e-4 and accuracy
 exactly.
 """
@@ -67,7 +67,7 @@ def test_lm_eval_harness_agrees_with_effilm(tmp_path, monkeypatch, shots):
     from effilm.data.tokenizer import load_tokenizer
     from effilm.eval.scoring import EvalConfig, score_task
     from effilm.eval.tasks import load_task
-    from effilm.formats.checkpoint import load
+    from effilm.formats.load import load
 
     torch.set_num_threads(1)
     tests, devs = make_mmlu_dir(tmp_path / "mmlu", n_test=6)

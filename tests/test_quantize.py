@@ -8,23 +8,22 @@ import pytest
 import torch
 
 from effilm.config.model import ModelConfig
+from effilm.config.quant import QuantConfig
 from effilm.errors import ConfigError
-from effilm.formats.checkpoint import load, save
-from effilm.models.transformer import build_model
-from effilm.quant.gptq import HessianCollector, gptq_quantize
-from effilm.quant.quantize import (
-    QuantConfig,
+from effilm.formats.checkpoint import save
+from effilm.formats.load import load
+from effilm.models.quantized import (
     QuantExperts,
     QuantLinear,
     dequantize_codes,
     pack_int4,
-    quantize_model,
     rtn,
-    save_quantized,
     target_names,
     unpack_int4,
-    weight_bytes,
 )
+from effilm.models.transformer import build_model
+from effilm.quant.gptq import HessianCollector, gptq_quantize
+from effilm.quant.quantize import quantize_model, save_quantized, weight_bytes
 
 
 @pytest.fixture(autouse=True)

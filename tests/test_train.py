@@ -129,7 +129,7 @@ def test_train_moe_run_metrics_checkpoints_and_final(data, tmp_path):
     state = json.loads((res.run_dir / "checkpoints/step-00000008/trainer_state.json").read_text())
     assert state["schema_version"] == 1 and state["step"] == 8 and state["loader"]["step"] == 8
     # the final model is a plain checkpoint with its tokenizer, and equals the last checkpoint
-    from effilm.formats.checkpoint import load
+    from effilm.formats.load import load
 
     model = load(res.final_dir)
     assert (res.final_dir / "tokenizer.json").is_file()

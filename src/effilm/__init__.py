@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load", "save_hf", "save", "ModelConfig", "MoEConfig", "build_model", "generate"]
 
 _LAZY = {
-    "load": ("effilm.formats.checkpoint", "load"),
+    "load": ("effilm.formats.load", "load"),
     "save": ("effilm.formats.checkpoint", "save"),
     "save_hf": ("effilm.formats.hf", "save_hf"),
     "ModelConfig": ("effilm.config", "ModelConfig"),

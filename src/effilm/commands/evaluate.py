@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from effilm.errors import EffilmError
 
@@ -75,27 +74,6 @@ def register(sub) -> None:
     d.set_defaults(func=cmd_decontam)
 
 
-def load_model_and_tokenizer(path: str):
-    """The model through ``effilm.formats.checkpoint.load`` (effilm checkpoints and HF Llama, Phi3, Mixtral,
-    PhiMoE and Arctic directories) and the tokenizer from ``tokenizer.json`` beside it."""
-    from effilm.data.tokenizer import check_vocab, load_tokenizer
-    from effilm.errors import ConfigError
-    from effilm.formats.checkpoint import load
-
-    model_dir = Path(path)
-    if not model_dir.is_dir():
-        raise EffilmError(f"{path}: model directory not found")
-    if not (model_dir / "tokenizer.json").is_file():
-        raise EffilmError(f"{path}: no tokenizer.json in the model directory")
-    tokenizer = load_tokenizer(model_dir)
-    try:
-        model = load(model_dir)
-    except ConfigError as exc:  # e.g. an architecture effilm does not implement
-        raise EffilmError(f"{path}: cannot evaluate this model: {exc}") from None
-    check_vocab(tokenizer, model.cfg.vocab_size)
-    return model, tokenizer
-
-
 def _read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -104,21 +82,12 @@ def _read_json(path: str) -> dict:
         raise EffilmError(f"{path}: cannot read JSON report ({exc})") from None
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise EffilmError(f"--device: {exc}") from None
-
-
 def cmd_eval(args) -> int:
+    from effilm.device import resolve_device
     from effilm.eval.report import format_table, run_evaluation
     from effilm.eval.scoring import EvalConfig
     from effilm.eval.tasks import TaskConfig, load_task
+    from effilm.formats.load import load_model_and_tokenizer
     from effilm.io import atomic_write_json
 
     cfg = EvalConfig(shots=args.shots, scoring=args.scoring, batch_size=args.batch_size,
@@ -127,8 +96,7 @@ def cmd_eval(args) -> int:
     tcfg = TaskConfig(strict=args.strict, split=args.split)
     tasks = [load_task(spec, tcfg) for spec in args.task]
     corpus_report = _read_json(args.corpus_report) if args.corpus_report else None
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    model = model.to(_device(args.device))
+    model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device))
     report = run_evaluation(model, tokenizer, tasks, cfg, corpus_report=corpus_report, model_path=args.model)
     atomic_write_json(args.output, report)
     print(format_table(report))

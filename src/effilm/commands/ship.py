@@ -11,7 +11,7 @@ def register(sub) -> None:
         "quantize",
         help="weight-only int8/int4 quantization of a model directory",
         description="Quantize a model's attention, MLP and expert weights (embeddings, LM head, norms and router "
-        "stay full precision) and write a compact effilm checkpoint that `effilm.formats.checkpoint.load` runs. "
+        "stay full precision) and write a compact effilm checkpoint that `effilm.formats.load.load` runs. "
         "--bits 8 is per output channel; --bits 4 needs --group-size. With --eval TEXT the report (written to "
         "OUT/quant_report.json and printed) gives perplexity before/after, greedy-token agreement and per-layer "
         "errors; a GPTQ run also reports RTN on the same settings for comparison.",
@@ -56,10 +56,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     import torch
 
+    from effilm.config.quant import QuantConfig
     from effilm.data.tokenizer import copy_tokenizer_files, load_tokenizer
-    from effilm.formats.checkpoint import load, write_checkpoint_files
+    from effilm.formats.checkpoint import write_checkpoint_files
+    from effilm.formats.load import load
     from effilm.io import atomic_dir
-    from effilm.quant.quantize import QuantConfig, quantize_model
+    from effilm.quant.quantize import quantize_model
     from effilm.quant.report import build_report, format_report
 
     cfg = QuantConfig(bits=args.bits, group_size=args.group_size, asym=args.asym, method=args.method,
@@ -107,8 +109,8 @@ def add_gguf_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_convert_gguf(args: argparse.Namespace) -> int:
     from effilm.errors import EffilmError
-    from effilm.formats.checkpoint import load
     from effilm.formats.gguf import export_gguf, verify_gguf
+    from effilm.formats.load import load
 
     src = Path(args.src)
     tok_dir = Path(args.tokenizer) if args.tokenizer else src

@@ -24,7 +24,7 @@ SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": 0}
 
 
 def _variants(quick: bool):
-    from effilm.quant.quantize import QuantConfig
+    from effilm.config.quant import QuantConfig
 
     out = [("int8", QuantConfig(bits=8)), ("int4-g32", QuantConfig(bits=4, group_size=32))]
     if not quick:
@@ -56,9 +56,9 @@ def ship_model(summary: dict, out_dir: Path, cfg: DemoConfig, model_name: str, q
     from effilm.data.tokenizer import copy_tokenizer_files, load_tokenizer
     from effilm.demo.stages import quiz_spec
     from effilm.eval.tasks import load_task
-    from effilm.formats.checkpoint import load
     from effilm.formats.gguf import export_gguf, verify_gguf
     from effilm.formats.hf import save_hf
+    from effilm.formats.load import load
     from effilm.inference.engine import Engine, SamplingParams
     from effilm.quant.quantize import quantize_model, save_quantized
     from effilm.quant.report import build_report

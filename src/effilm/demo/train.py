@@ -86,11 +86,11 @@ def evaluate_models(cfg: DemoConfig, synth: dict, cleaned: dict, trained: dict, 
     """Quiz (letter and cloze) and bits per byte for every trained model, with contamination status."""
     import torch
 
-    from effilm.commands.evaluate import load_model_and_tokenizer
     from effilm.demo.stages import quiz_spec
     from effilm.eval.report import run_evaluation
     from effilm.eval.scoring import EvalConfig
     from effilm.eval.tasks import load_task
+    from effilm.formats.load import load_model_and_tokenizer
 
     torch.set_num_threads(cfg.threads)
     quiz = load_task(quiz_spec(Path(synth["quiz"]["path"])))

@@ -6,8 +6,7 @@ Layout of a checkpoint directory::
                          "checksums": {"model.safetensors": sha256}, ...}
     model.safetensors   the weights, effilm key names (a tied LM head is stored once)
 
-``load(path)`` also accepts a Hugging Face model directory (``config.json`` + ``*.safetensors``)
-and converts it through ``effilm.formats.hf``.
+:func:`effilm.formats.load.load` reads these and Hugging Face directories alike.
 """
 
 from __future__ import annotations
@@ -147,18 +146,12 @@ def load_state_checked(model, state: dict[str, torch.Tensor], source: str) -> No
             t.copy_(state[k].to(t.dtype))
 
 
-def load(path: str | os.PathLike, device=None, dtype=None, verify: bool = True):
-    """Load an effilm checkpoint directory or a Hugging Face model directory, in eval mode."""
+def load_effilm(path: Path, meta: dict, device=None, dtype=None, verify: bool = True):
+    """Load the effilm checkpoint at ``path`` (``meta`` is its config.json), quantized or not, in
+    eval mode. :func:`effilm.formats.load.load` is the loader to call; it dispatches here."""
+    from effilm.models.quantized import build_quantized
     from effilm.models.transformer import build_model
 
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
-    meta = read_config(path)
-    if meta.get("format") != "effilm":
-        from effilm.formats.hf import load_hf
-
-        return load_hf(path, device=device, dtype=dtype)
     version = meta.get("schema_version")
     if version is None or version > SCHEMA_VERSION:
         raise CheckpointError(f"{path}: checkpoint schema_version {version!r}; this effilm reads up to {SCHEMA_VERSION}")
@@ -170,9 +163,7 @@ def load(path: str | os.PathLike, device=None, dtype=None, verify: bool = True):
         actual = sha256_file(path / WEIGHTS) if (path / WEIGHTS).is_file() else None
         if actual != meta["checksums"][WEIGHTS]:
             raise CheckpointError(f"{path}/{WEIGHTS}: checksum mismatch (file corrupt or replaced)")
-    if meta.get("quantization"):  # weight-only quantized checkpoint (effilm.quant.quantize)
-        from effilm.quant.quantize import build_quantized
-
+    if meta.get("quantization"):  # weight-only quantized checkpoint (effilm.models.quantized)
         model = build_quantized(cfg, meta["quantization"], device=device)
     else:
         model = build_model(cfg, device=device, init=False)

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from effilm.models.moe import Experts, MoE
+from effilm.models.quantized import int8_rows_linear
 from effilm.models.transformer import MLP, Attention, Block, KVCache, RMSNorm, Transformer
-from effilm.quant.quantize import int8_rows_linear
 
 
 def supports(model) -> bool:

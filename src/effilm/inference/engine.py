@@ -142,19 +142,12 @@ class Engine:
     @classmethod
     def load(cls, path, device=None, dtype=None) -> Engine:
         """An engine for an effilm checkpoint or HF model directory that holds tokenizer files."""
-        from effilm.data.tokenizer import check_vocab, load_tokenizer
-        from effilm.formats.checkpoint import load
+        from effilm.formats.load import load_model_and_tokenizer
 
         path = Path(path)
-        if not path.is_dir():
-            raise EffilmError(f"{path}: no such model directory")
-        if not (path / "tokenizer.json").is_file():
-            raise EffilmError(f"{path}: no tokenizer.json; the model directory must hold its tokenizer files")
         if isinstance(dtype, str):
             dtype = _parse_dtype(dtype)
-        model = load(path, device=device, dtype=dtype)
-        tok = load_tokenizer(path)
-        check_vocab(tok, model.cfg.vocab_size)
+        model, tok = load_model_and_tokenizer(path, device=device, dtype=dtype)
         return cls(model, tok, name=path.resolve().name, eos_ids=_generation_config_eos(path))
 
     # ----- text ----------------------------------------------------------------------------------

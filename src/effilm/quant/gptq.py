@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effilm.quant.quantize import Codes, QuantConfig, check_shape, group_params, quantize_values
+from effilm.config.quant import QuantConfig
+from effilm.models.quantized import Codes, check_shape, group_params, quantize_values
 
 GPTQ_BLOCK = 128  # columns per lazy-update block; a multiple of every group size
 

@@ -6,7 +6,7 @@
 * per layer, the largest element-wise weight error ``max |w - dq(q(w))|`` over its quantized
   tensors, and the largest relative error ``||w - dq||_F / ||w||_F``;
 * stored weight bytes before and after, and the peak RSS of a fresh process that loads each
-  checkpoint through ``effilm.formats.checkpoint.load`` and runs one forward pass.
+  checkpoint through ``effilm.formats.load.load`` and runs one forward pass.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-from effilm.quant.quantize import QuantExperts, QuantLinear, target_names, weight_bytes, weights_of
+from effilm.models.quantized import QuantExperts, QuantLinear, target_names, weights_of
+from effilm.quant.quantize import weight_bytes
 
 
 def windows(ids: torch.Tensor | list[int], seq_len: int) -> torch.Tensor:
@@ -80,7 +81,7 @@ def layer_errors(fp_model, q_model) -> list[dict]:
 _RSS_PROBE = """
 import json, resource, sys, torch
 torch.set_num_threads(1)
-from effilm.formats.checkpoint import load
+from effilm.formats.load import load
 model = load(sys.argv[1])
 ids = torch.arange(int(sys.argv[2]))[None] % model.cfg.vocab_size
 with torch.no_grad():

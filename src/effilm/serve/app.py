@@ -83,14 +83,6 @@ def resolve_api_key(env_name: str) -> str | None:
     return key
 
 
-def pick_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -327,9 +319,10 @@ def serve(cfg: ServeConfig, engine=None, log=print) -> int:
 
     api_key = resolve_api_key(cfg.api_key_env)
     if engine is None:
+        from effilm.device import resolve_device
         from effilm.inference.engine import Engine
 
-        engine = Engine.load(cfg.model, device=pick_device(cfg.device))
+        engine = Engine.load(cfg.model, device=resolve_device(cfg.device))
     server = Server(engine, cfg, api_key)
     if not _is_loopback(cfg.host) and api_key is None:
         log(f"warning: listening on {cfg.host} without an API key; anyone who can reach it can use it "

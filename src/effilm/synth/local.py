@@ -1,13 +1,12 @@
 """The ``local`` backend: generation through effilm's own engine, behind a small protocol.
 
-The engine (``effilm.inference.engine``) comes with the "ship small" issue. Until then this module defines
-the protocol it must meet and loads it lazily, with a clear error when it is missing. Any object
-with a matching ``generate`` method (tests use a plain Python class) drives the backend.
+:func:`load_generator` opens a model directory with the engine (``effilm.inference.engine``,
+imported when the backend runs). Any object with a matching ``generate`` method (tests use a plain
+Python class) drives the backend.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Protocol
 
 from effilm.errors import EffilmError
@@ -22,21 +21,12 @@ class Generator(Protocol):
 
 
 def load_generator(checkpoint: str) -> Generator:
-    """``effilm.inference.engine.load_generator(checkpoint)``, imported only when the backend runs."""
+    """The engine's generator for the model directory ``checkpoint``."""
     if not checkpoint:
         raise EffilmError("the local backend needs [local] checkpoint = 'DIR' in the recipe")
-    try:
-        engine = importlib.import_module("effilm.inference.engine")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("effilm"):
-            raise EffilmError("the local backend needs effilm.inference.engine (the generation engine from the "
-                              "'ship small' issue), which this build does not have yet; use --backend "
-                              "procedural or openai") from None
-        raise
-    loader = getattr(engine, "load_generator", None)
-    if loader is None:
-        raise EffilmError("effilm.inference.engine has no load_generator(checkpoint); cannot run the local backend")
-    return loader(checkpoint)
+    from effilm.inference.engine import load_generator as engine_generator
+
+    return engine_generator(checkpoint)
 
 
 class LocalBackend:

@@ -50,18 +50,12 @@ class TrainResult:
 def _device_and_autocast(cfg: RunConfig, dist):
     import torch
 
-    t = cfg.train
-    want = t.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda":
-        if not torch.cuda.is_available():
-            raise EffilmError("train.device='cuda' but no CUDA device is available")
-        device = torch.device("cuda", dist.local_rank if dist is not None else 0)
+    from effilm.device import resolve_device
+
+    device = resolve_device(cfg.train.device, dist.local_rank if dist is not None else None)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    precision = t.precision
+    precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     amp = torch.bfloat16 if precision == "bf16" else None

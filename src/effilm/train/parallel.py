@@ -123,8 +123,9 @@ def init_distributed(backend: str | None = None) -> Dist:
     uses the GPU ``LOCAL_RANK``.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return Dist(device=device)
+        from effilm.device import resolve_device
+
+        return Dist(device=resolve_device("auto"))
     missing = [v for v in TORCHRUN_VARS if v not in os.environ]
     if missing:
         raise ConfigError(f"distributed launch: environment variables {', '.join(missing)} are not set (use torchrun)")

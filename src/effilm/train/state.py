@@ -3,7 +3,7 @@
 Layout of ``RUN_DIR/checkpoints/step-NNNNNNNN/``::
 
     model.safetensors       the weights (effilm key names), so the directory is also a model
-    config.json             effilm checkpoint config (loads with effilm.formats.checkpoint.load) + "run"
+    config.json             effilm checkpoint config (loads with effilm.formats.load.load) + "run"
     optimizer.safetensors   AdamW moments, keyed "<param name>::<state key>"
     trainer_state.json      schema_version, step, tokens, loader state, RNG states, optimizer
                             param_groups, sha256 of both .safetensors files, and its own checksum
