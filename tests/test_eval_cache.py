@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from effilm.config.model import ModelConfig  # noqa: E402
-from effilm.eval.cache import CachedScorer  # noqa: E402
+from effilm.eval.scorers import CachedScorer  # noqa: E402
 from effilm.eval.scoring import (  # noqa: E402
     BatchScorer,
     EvalConfig,

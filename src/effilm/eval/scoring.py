@@ -14,7 +14,7 @@ case) the context runs once and all choices are read from its last position. Oth
 choice is its own row. Rows are sorted by length, batched and right-padded; with a causal model
 the real positions never see the padding, so scores do not depend on the batch size. A
 model-specific scorer plugs in through the :class:`Scorer` protocol; effilm models get
-:class:`effilm.eval.cache.CachedScorer` (the context once per question, the choices from its KV
+:class:`effilm.eval.scorers.CachedScorer` (the context once per question, the choices from its KV
 cache) by default.
 """
 
@@ -23,9 +23,9 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from effilm.errors import ConfigError, EffilmError
+from effilm.eval.scorers import BatchScorer, Group, Scorer, make_scorer, model_max_length
 from effilm.eval.tasks import LETTERS, Item, Task
 
 SCORINGS = ("letter", "cloze")
@@ -182,120 +182,6 @@ def prompt_format(cfg: EvalConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- scoring
-
-
-@dataclass
-class Group:
-    """One question: a context and the continuations to score after it."""
-
-    context: list[int]
-    continuations: list[list[int]]
-
-
-class Scorer(Protocol):
-    def score(self, groups: list[Group]) -> list[list[float]]:
-        """Per group, the summed log-likelihood of each continuation."""
-        ...
-
-
-def model_max_length(model, cfg: EvalConfig) -> int:
-    if cfg.max_length:
-        return cfg.max_length
-    conf = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "max_seq_len", "n_positions", "max_seq_length"):
-        val = getattr(conf, name, None)
-        if isinstance(val, int) and val > 0:
-            return val
-    return cfg.default_max_length
-
-
-class BatchScorer:
-    """Right-padded batched forward passes; shared-context rows for single-token choices."""
-
-    def __init__(self, model, batch_size: int = 8, max_length: int = 2048, pad_id: int = 0):
-        self.model, self.batch_size, self.max_length, self.pad_id = model, batch_size, max_length, pad_id
-        self.forward_rows = 0
-        self.keep_arg = _logits_to_keep_arg(model)
-
-    def _forward(self, ids, keep: int):
-        """Logits of the last ``keep`` positions (all positions where the model cannot skip any)."""
-        if self.keep_arg and keep < ids.shape[1]:
-            logits = self.model(ids, **{self.keep_arg: keep}).logits
-            if logits.shape[1] == keep:
-                return logits, ids.shape[1] - keep
-        return self.model(ids).logits, 0
-
-    def _rows(self, groups: list[Group]):
-        rows = []  # (input ids, [(group, choice, target ids)])
-        for gi, g in enumerate(groups):
-            if g.continuations and all(len(c) == 1 for c in g.continuations):
-                inp = (g.context + g.continuations[0])[-(self.max_length + 1):][:-1]
-                rows.append((inp, [(gi, ci, c) for ci, c in enumerate(g.continuations)]))
-                continue
-            for ci, cont in enumerate(g.continuations):
-                if not cont:
-                    raise EffilmError("a continuation encodes to no tokens; cannot score it")
-                if len(cont) > self.max_length:
-                    raise EffilmError(f"a continuation of {len(cont)} tokens exceeds the context {self.max_length}")
-                inp = (g.context + cont)[-(self.max_length + 1):][:-1]
-                rows.append((inp, [(gi, ci, cont)]))
-        return rows
-
-    def score(self, groups: list[Group]) -> list[list[float]]:
-        import torch
-
-        out = [[0.0] * len(g.continuations) for g in groups]
-        rows = self._rows(groups)
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        device = next(iter(self.model.parameters())).device
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                batch = [rows[i] for i in order[start : start + self.batch_size]]
-                width = max(len(r[0]) for r in batch)
-                ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-                b_idx, p_idx, tgt, owner = [], [], [], []
-                for b, (inp, targets) in enumerate(batch):
-                    ids[b, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-                    for gi, ci, cont in targets:
-                        first = len(inp) - len(cont)
-                        for k, tok in enumerate(cont):
-                            b_idx.append(b)
-                            p_idx.append(first + k)
-                            tgt.append(tok)
-                            owner.append((gi, ci))
-                logits, shift = self._forward(ids.to(device), width - min(p_idx))
-                pos = torch.tensor(p_idx, device=device) - shift
-                sel = logits[torch.tensor(b_idx, device=device), pos].float()
-                lp = torch.log_softmax(sel, dim=-1).gather(1, torch.tensor(tgt, device=device)[:, None])[:, 0]
-                for (gi, ci), v in zip(owner, lp.double().cpu().tolist(), strict=True):
-                    out[gi][ci] += v
-                self.forward_rows += len(batch)
-        return out
-
-
-def make_scorer(model, cfg: EvalConfig) -> Scorer:
-    """The KV-cache scorer for effilm models (unless ``cfg.use_kv_cache`` is off), else batched rows."""
-    from effilm.eval.cache import CachedScorer, supports_kv_cache
-
-    args = (model, cfg.batch_size, model_max_length(model, cfg), cfg.pad_id)
-    if cfg.use_kv_cache and supports_kv_cache(model):
-        return CachedScorer(*args, min_shared_prefix=cfg.min_shared_prefix)
-    return BatchScorer(*args)
-
-
-def _logits_to_keep_arg(model) -> str | None:
-    """The forward argument that limits the LM head to the last positions, if the model has one
-    (transformers' ``logits_to_keep``). Only the positions that are scored are ever needed."""
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return None
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in params:
-            return name
-    return None
 
 
 def prompt_hash(text: str) -> str:
