@@ -19,6 +19,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from effilm.config.data import DataConfig, TokenizeConfig, TokenizerTrainConfig
+    from effilm.config.reader import build
     from effilm.data.loader import StagedLoader
     from effilm.data.shards import tokenize_files
     from effilm.data.tokenizer import train_tokenizer
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
             rows.append({"what": f"data tokenize, workers={w}", "seconds": dt, "rate": m["tokens"] / dt,
                          "unit": "tokens/s"})
 
-        cfg = DataConfig.from_dict({
+        cfg = build(DataConfig, {
             "sources": [{"name": "a", "path": str(tmp / "ds1")}, {"name": "b", "path": str(tmp / f"ds{args.workers}")}],
             "stages": [{"name": "s", "tokens": 10**12, "mixture": {"a": 0.6, "b": 0.4}}],
             "seq_len": args.seq_len, "doc_ids": True,

@@ -27,7 +27,7 @@ def _summaries(args) -> list[dict]:
 
     out = []
     for seed in args.seeds:
-        cfg = DemoConfig.quick(seed=seed) if args.quick else DemoConfig(seed=seed)
+        cfg = DemoConfig.quick({"seed": seed}) if args.quick else DemoConfig(seed=seed)
         out.append(run_pipeline(cfg, Path(args.out_root) / f"seed{seed}", quick=args.quick))
     return out
 

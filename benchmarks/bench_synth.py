@@ -48,8 +48,8 @@ def bench_openai(n: int, latency: float, levels=(1, 8, 32)) -> list[dict]:
     try:
         base_url = proc.stdout.readline().strip()
         for c in levels:
-            recipe = load_recipe(None, backend="openai", records=n, shard_size=n,
-                                 openai={"base_url": base_url, "concurrency": c})
+            recipe = load_recipe(None, {"backend": "openai", "records": n, "shard_size": n,
+                                        "openai": {"base_url": base_url, "concurrency": c}})
             with tempfile.TemporaryDirectory() as tmp:
                 t = time.perf_counter()
                 s = Run(recipe, tmp, log=lambda m: None).run()

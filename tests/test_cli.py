@@ -64,11 +64,95 @@ def test_convert_both_ways(tmp_path):
     assert s["total_params"] == model.cfg.num_params()
 
 
-def test_every_subcommand_has_help():
-    out = effilm("-h").stdout
-    for cmd in ("presets", "params", "convert", "demo"):
-        assert cmd in out
-        assert effilm(cmd, "-h").stdout.strip()
+def _subcommands(parser, prefix=()):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub
+                yield from _subcommands(sub, (*prefix, name))
 
 
-# `effilm demo --quick` end to end: tests/test_demo.py (through this same CLI).
+def _config_classes():
+    from effilm.config.data import TokenizeConfig, TokenizerTrainConfig
+    from effilm.config.quant import QuantConfig
+    from effilm.config.run import RunConfig
+    from effilm.data.dedup import DedupConfig
+    from effilm.data.filters import FilterConfig
+    from effilm.demo.config import DemoConfig
+    from effilm.eval.decontam import DecontamConfig
+    from effilm.eval.scoring import EvalConfig
+    from effilm.eval.tasks import TaskConfig
+    from effilm.formats.convert import ConvertConfig
+    from effilm.inference.sampling import SamplingParams
+    from effilm.reports.plots import PlotConfig
+    from effilm.serve.app import ServeConfig
+    from effilm.synth.recipe import Recipe
+    from effilm.synth.runner import SynthOptions
+
+    return {
+        ("presets",): [], ("params",): [], ("convert",): [ConvertConfig], ("demo",): [DemoConfig],
+        ("tokenizer",): [], ("tokenizer", "train"): [TokenizerTrainConfig], ("data",): [],
+        ("data", "tokenize"): [TokenizeConfig], ("synth",): [SynthOptions, Recipe], ("dedup",): [DedupConfig],
+        ("filter",): [FilterConfig], ("eval",): [EvalConfig, TaskConfig],
+        ("decontam",): [DecontamConfig, TaskConfig], ("train",): [RunConfig], ("plot",): [PlotConfig],
+        ("generate",): [SamplingParams], ("serve",): [ServeConfig], ("quantize",): [QuantConfig],
+    }  # fmt: skip
+
+
+def _flags(cls, prefix=""):
+    """(flag, help) of every field the command line can set, nested tables as --table.field."""
+    import dataclasses
+    import typing
+
+    from effilm.config.reader import _list_of_scalars, _scalar, _table_type
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        table = _table_type(hints[f.name])
+        if table is not None:
+            yield from _flags(table, f"{prefix}{f.name}.")
+        elif _scalar(hints[f.name]) or _list_of_scalars(hints[f.name]):
+            yield "--" + (prefix + f.name).replace("_", "-"), f.metadata.get("help", "")
+
+
+def test_every_subcommand_has_a_help_that_lists_its_settings(capsys):
+    import textwrap
+
+    from effilm.cli import build_parser, main
+
+    parser = build_parser()
+    commands = dict(_subcommands(parser))
+    classes = _config_classes()
+    assert sorted(commands) == sorted(classes), "a new subcommand needs a row in _config_classes"
+    top = effilm("-h").stdout
+    for path, sub in commands.items():
+        with pytest.raises(SystemExit) as exit_:
+            main([*path, "-h"])
+        assert exit_.value.code == 0, path
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines; compare word by word
+        assert text.startswith(f"usage: effilm {' '.join(path)}"), path
+        description = " ".join((sub.description or "").split())
+        assert description and description[:60] in text, path
+        if len(path) == 1:
+            assert path[0] in top
+        for cls in classes[path]:
+            for flag, help_text in _flags(cls):
+                if cls.__name__ == "ServeConfig" and flag == "--model":
+                    flag = "model"  # positional
+                assert flag in text, (path, flag)
+                words = " ".join(textwrap.shorten(help_text, 40, placeholder="").split())
+                assert words in text, (path, flag, words)
+    assert "(default: 0.0003)" in " ".join(effilm("train", "-h").stdout.split())  # the dataclass default, shown
+
+
+def test_flags_take_dashes_or_underscores_and_typos_get_a_suggestion(tmp_path):
+    p = effilm("train", str(tmp_path / "none.toml"), "--optim.lr=3e-4", "--train.log_every=4", check=False)
+    assert p.returncode == 2 and "none.toml: run config file not found" in p.stderr
+    p = effilm("train", str(tmp_path / "none.toml"), "--optim.lrr=3", check=False)
+    assert p.returncode == 2 and "did you mean --optim.lr" in p.stderr and "Traceback" not in p.stderr
+    p = effilm("generate", str(tmp_path), "--prompt", "x", "--temperature", "hot", check=False)
+    assert p.returncode == 2 and "temperature='hot' should be of type float" in p.stderr
+
+

@@ -11,6 +11,7 @@ import tomllib
 import torch
 
 from effilm.config.data import DataConfig, SourceConfig, StageConfig, TokenizeConfig, TokenizerTrainConfig
+from effilm.config.reader import build
 from effilm.data.loader import StagedLoader, block_causal_mask, pack_documents
 from effilm.data.shards import TokenDataset, tokenize_files
 from effilm.data.tokenizer import train_tokenizer
@@ -42,7 +43,7 @@ def _cfg(root: Path, **kw) -> DataConfig:
         "seq_len": SEQ, "seed": 7, "doc_ids": True,
     }
     d.update(kw)
-    return DataConfig.from_dict(d)
+    return build(DataConfig, d)
 
 
 def _all(loader) -> list:
@@ -83,15 +84,15 @@ name = "s1"
 tokens = 1000
 mixture = {{ web = 1 }}
 """
-    cfg = DataConfig.from_dict(tomllib.loads(text))
+    cfg = build(DataConfig, tomllib.loads(text))
     assert cfg.sources[0] == SourceConfig(name="web", path=str(root / "web"))
     assert cfg.stages[0].weights() == {"web": 1.0}
-    assert DataConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert build(DataConfig, json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert StageConfig(name="s", tokens=1, mixture={"a": 60, "b": 40}).weights() == {"a": 0.6, "b": 0.4}
     good = cfg.to_dict()
     bad_cases = [
         ({**good, "seq_lenn": 4}, r"unknown data config key\(s\): 'seq_lenn' \(did you mean 'seq_len'"),
-        ({**good, "sources": [{"name": "web", "pth": "x"}]}, r"unknown data.sources\[\] config key"),
+        ({**good, "sources": [{"name": "web", "pth": "x"}]}, r"unknown data.sources\[0\] config key.*did you mean .path."),
         ({**good, "stages": [{"name": "s", "tokens": 5, "mixture": {"wbe": 1}}]}, "unknown source 'wbe'.*'web'"),
         ({**good, "stages": [{"name": "s", "tokens": 5, "mixture": {"web": 0}}]}, "weights must be positive"),
         ({**good, "stages": [{"name": "s", "tokens": 0, "mixture": {"web": 1}}]}, r"tokens=0 must be a positive"),
@@ -101,7 +102,7 @@ mixture = {{ web = 1 }}
     ]
     for d, match in bad_cases:
         with pytest.raises(ConfigError, match=match):
-            DataConfig.from_dict(d)
+            build(DataConfig, d, "data")
 
 
 # ---------------------------------------------------------------- loader

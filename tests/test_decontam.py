@@ -142,7 +142,7 @@ def test_plain_text_gz_shards_in_parallel(tmp_path):
     (tmp_path / "b.txt").write_text(FILLER + repunctuate(task.items[13].question) + "\n")
     files = [tmp_path / "a.txt.gz", tmp_path / "b.txt"]
     one = find_contamination([task], files)
-    two = find_contamination([task], files, workers=2)
+    two = find_contamination([task], files, DecontamConfig(workers=2))
     assert one["documents"] == two["documents"]
     assert [(d["doc"], d["confirmed"]) for d in one["documents"] if d["confirmed"]] == [("2", True), ("1", True)]
     assert one["benchmarks"][0]["contaminated_ids"] == ["biology/10", "biology/13"]

@@ -299,7 +299,7 @@ def test_reference_config_files_match_the_builtin_settings(tmp_path):
     root = Path(__file__).resolve().parents[1] / "configs"
     assert DemoConfig.from_toml(root / "demo.toml") == DemoConfig()
     assert DemoConfig.from_toml(root / "demo-quick.toml") == DemoConfig.quick()
-    assert DemoConfig.from_toml(root / "demo.toml", seed=4).seed == 4
+    assert DemoConfig.from_toml(root / "demo.toml", {"seed": 4}).seed == 4
     bad = tmp_path / "bad.toml"
     bad.write_text("[demo]\nnum_fact = 3\n")
     with pytest.raises(ConfigError, match=r"bad\.toml.*num_fact.*did you mean 'num_facts'"):

@@ -364,16 +364,14 @@ def test_synth_local_backend_end_to_end(tmp_path, tok_dir):
 
     ckpt = add_tokenizer(effilm.save(tiny("tiny-dense", max_seq_len=2048, **LIVELY), tmp_path / "ckpt"), tok_dir)
     sampling = {"max_tokens": 5, "temperature": 0.8, "top_p": 0.9}
-    recipe = load_recipe(None, backend="local", records=3, sampling=sampling,
-                         local={"checkpoint": str(ckpt), "batch_size": 2})
+    over = {"backend": "local", "records": 3, "sampling": sampling, "local": {"checkpoint": str(ckpt), "batch_size": 2}}
+    recipe = load_recipe(None, over)
     s = Run(recipe, tmp_path / "out", log=lambda m: None).run()
     recs = list(read_records(tmp_path / "out"))
     assert s["complete"] and len(recs) == 3
     assert all(r["provenance"]["backend"] == "local" and r["provenance"]["model"] == str(ckpt) for r in recs)
     assert all(isinstance(r["text"], str) and r["text"] for r in recs)
-    again = Run(load_recipe(None, backend="local", records=3, sampling=sampling,
-                            local={"checkpoint": str(ckpt), "batch_size": 2}), tmp_path / "out2",
-                log=lambda m: None).run()
+    again = Run(load_recipe(None, over), tmp_path / "out2", log=lambda m: None).run()
     assert again["complete"] and [r["text"] for r in read_records(tmp_path / "out2")] == [r["text"] for r in recs]
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from effilm.cli import main
+from effilm.config.reader import build
 from effilm.data.filters import FilterConfig, check, filter_files
 from effilm.errors import ConfigError
 
@@ -52,14 +53,18 @@ def test_report_counts_examples_and_rejects_file(tmp_path, capsys):
     assert sorted(r["id"] for r in rejects) == ["boiler", "empty", "loop", "short", "symbols"]
     assert all("_rejected" in r for r in rejects)
     assert main(["filter", str(path), "--out", str(tmp_path / "o2"), "--report", str(tmp_path / "r2.json"),
-                 "--set", "min_words=2", "--set", "disabled=repetition,non_alpha"]) == 0
+                 "--min-words", "2", "--disabled", "repetition", "non_alpha"]) == 0
     assert json.loads(capsys.readouterr().out)["kept"] == 4
 
 
-def test_config_errors_name_the_field():
-    with pytest.raises(ConfigError, match="did you mean 'min_words'"):
-        FilterConfig.from_strings({"min_word": "3"})
-    with pytest.raises(ConfigError, match="filters.min_words: cannot read 'many'"):
-        FilterConfig.from_strings({"min_words": "many"})
+def test_config_errors_name_the_field(tmp_path, capsys):
+    args = ["filter", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit):
+        main([*args, "--min-word", "3"])
+    assert "unrecognized arguments: --min-word 3 (--min-word: did you mean --min-words" in capsys.readouterr().err
+    assert main([*args, "--min-words", "many"]) == 2
+    assert "min_words='many' should be of type int, not str" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown filters config key.*did you mean 'min_words'"):
+        build(FilterConfig, {"min_word": 3}, "filters")
     with pytest.raises(ConfigError, match="unknown filter"):
         FilterConfig(disabled=["vibes"])

@@ -206,7 +206,7 @@ def test_cli_quantize_writes_checkpoint_and_report(tmp_path, capsys):
         f.rename(tmp_path / "ckpt" / f.name)
     (tmp_path / "calib.txt").write_text("\n".join(lines[:60]))
     (tmp_path / "eval.txt").write_text("\n".join(lines[60:]))
-    args = ["quantize", str(tmp_path / "ckpt"), "--bits", "4", "--group-size", "32", "--method", "gptq", "--seq-len", "32",
+    args = ["quantize", str(tmp_path / "ckpt"), "--bits", "4", "--group-size", "32", "--method", "gptq", "--calib-seq-len", "32",
             "--calib", str(tmp_path / "calib.txt"), "--eval", str(tmp_path / "eval.txt"), "--no-rss", "--out", str(tmp_path / "q")]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out

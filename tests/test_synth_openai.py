@@ -23,8 +23,8 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 def recipe_for(server, records=4, shard_size=100, budget=None, **openai):
     cfg = {"base_url": server.base_url, "model": "teacher", "backoff_base_s": 0.01, "backoff_max_s": 0.05,
            "timeout_s": 5.0, "concurrency": 4, **openai}
-    return load_recipe(None, backend="openai", records=records, shard_size=shard_size, openai=cfg,
-                       budget=budget or {})
+    return load_recipe(None, {"backend": "openai", "records": records, "shard_size": shard_size, "openai": cfg,
+                              "budget": budget or {}})
 
 
 def run(recipe, out, **kw):

@@ -11,7 +11,7 @@ from effilm.errors import ConfigError, EffilmError
 from effilm.io import sha256_file
 from effilm.synth import procedural
 from effilm.synth.recipe import load_recipe
-from effilm.synth.runner import Run, read_records
+from effilm.synth.runner import Run, SynthOptions, read_records
 
 
 def test_default_recipe_loads_and_maps_onto_dataclasses():
@@ -23,12 +23,12 @@ def test_default_recipe_loads_and_maps_onto_dataclasses():
 
 
 @pytest.mark.parametrize("toml,msg", [
-    ('seeed = 3', r"unknown key 'seeed' \(did you mean 'seed'\?\)"),
-    ('[openai]\nconcurency = 3', r"r.toml.openai: unknown key 'concurency'"),
-    ('records = "many"', r"r.toml.records: expected int, got str"),
+    ('seeed = 3', r"r.toml: unknown config key\(s\): 'seeed' \(did you mean 'seed'\?\)"),
+    ('[openai]\nconcurency = 3', r"r.toml: unknown openai config key\(s\): 'concurency' \(did you mean 'concurrency'"),
+    ('records = "many"', r"r.toml: records='many' should be of type int, not str"),
     ('[sampling]\ntop_p = 2.0', r"sampling.top_p must be in"),
     ('[[audiences]]\nid = "x"', r"needs an 'id' and an 'instruction'"),
-    ('records = ', r"invalid TOML"),
+    ('records = ', r"r.toml: not a valid recipe"),
 ])
 def test_recipe_errors_name_the_key(tmp_path, toml, msg):
     p = tmp_path / "r.toml"
@@ -45,7 +45,7 @@ def test_topics_file_is_read_relative_to_the_recipe(tmp_path):
 
 def _recipe(**kw):
     proc = {"num_facts": 40, "records": 50, "web_records": 30, **kw}
-    return load_recipe(None, shard_size=20, procedural=proc)
+    return load_recipe(None, {"shard_size": 20, "procedural": proc})
 
 
 def test_procedural_run_shards_manifest_and_matches_the_api(tmp_path):
@@ -69,7 +69,7 @@ def test_procedural_run_shards_manifest_and_matches_the_api(tmp_path):
 def test_workers_give_identical_output_and_resume_rebuilds_only_damaged_shards(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     Run(_recipe(), one, log=lambda m: None).run()
-    Run(_recipe(), two, workers=2, log=lambda m: None).run()
+    Run(_recipe(), two, SynthOptions(workers=2), log=lambda m: None).run()
     for stream in ("textbook", "web"):
         for f in sorted((one / stream).iterdir()):
             assert f.read_bytes() == (two / stream / f.name).read_bytes()
@@ -94,7 +94,7 @@ class EchoGenerator:
 
 
 def test_local_backend_uses_the_generator_protocol(tmp_path):
-    recipe = load_recipe(None, backend="local", records=5, local={"checkpoint": "ckpt", "batch_size": 2})
+    recipe = load_recipe(None, {"backend": "local", "records": 5, "local": {"checkpoint": "ckpt", "batch_size": 2}})
     gen = EchoGenerator()
     s = Run(recipe, tmp_path / "o", generator=gen, log=lambda m: None).run()
     assert s["complete"] and [c[0] for c in gen.calls] == [2, 2, 1]

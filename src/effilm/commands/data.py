@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
-
-
-def _add_config_args(p, cls, skip=()) -> None:
-    """Add ``--field-name`` options for the dataclass fields of ``cls``, with their help text."""
-    from dataclasses import MISSING, fields
-
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        default = f.default if f.default is not MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction,
-                           help=f.metadata.get("help", ""))
-        else:
-            p.add_argument(flag, dest=f.name, type=type(default), default=default, metavar=f.name.upper(),
-                           help=f"{f.metadata.get('help', '')} (default: {default!r})"[:300])
-
-
-def _config(cls, args):
-    from dataclasses import fields
-
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+from effilm.config.reader import add_arguments, from_args
 
 
 def cmd_tokenizer_train(args) -> int:
     from effilm.config.data import TokenizerTrainConfig
     from effilm.data.tokenizer import load_tokenizer, train_tokenizer
 
-    cfg = _config(TokenizerTrainConfig, args)
+    cfg = from_args(TokenizerTrainConfig, args)
     out = train_tokenizer(args.input, args.out, cfg)
     tok = load_tokenizer(out)
     print(f"wrote {out}: {tok.vocab_size} tokens, eos={tok.eos_id} pad={tok.pad_id}, sha256 {tok.sha256[:16]}")
@@ -47,7 +24,7 @@ def cmd_data_tokenize(args) -> int:
     from effilm.config.data import TokenizeConfig
     from effilm.data.shards import tokenize_files
 
-    cfg = _config(TokenizeConfig, args)
+    cfg = from_args(TokenizeConfig, args)
     t0 = time.perf_counter()
     bars: list = []  # created on the first batch, so input errors print no empty bar
 
@@ -86,7 +63,7 @@ def register(sub) -> None:
     t.add_argument("--input", nargs="+", required=True, metavar="FILE",
                    help="input files, directories or glob patterns (.jsonl[.gz], .txt[.gz], .md, .parquet)")
     t.add_argument("--out", required=True, metavar="DIR", help="output tokenizer directory (written atomically)")
-    _add_config_args(t, TokenizerTrainConfig, skip=("chat_template",))
+    add_arguments(t, TokenizerTrainConfig)
     t.set_defaults(func=cmd_tokenizer_train)
     tok.set_defaults(func=lambda a: (tok.print_help(), 2)[1])
 
@@ -104,6 +81,6 @@ def register(sub) -> None:
     d.add_argument("--tokenizer", required=True, metavar="DIR", help="HF tokenizer directory (tokenizer.json)")
     d.add_argument("--out", required=True, metavar="DIR", help="output dataset directory")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_config_args(d, TokenizeConfig)
+    add_arguments(d, TokenizeConfig)
     d.set_defaults(func=cmd_data_tokenize)
     data.set_defaults(func=lambda a: (data.print_help(), 2)[1])

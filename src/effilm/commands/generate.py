@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from effilm.config.reader import add_arguments, from_args
+
 
 def cmd_generate(args) -> int:
     from effilm.inference.engine import Engine, SamplingParams
 
     # parameters first: a bad value is reported before the (slower) model load
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            stop=tuple(args.stop or ()))
+    params = from_args(SamplingParams, args)
     engine = Engine.load(args.model, dtype=args.dtype)
     prompt = engine.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     out = sys.stdout
@@ -32,6 +32,8 @@ def cmd_generate(args) -> int:
 
 
 def register(sub) -> None:
+    from effilm.inference.sampling import SamplingParams
+
     p = sub.add_parser(
         "generate",
         help="generate text from a model, streamed to the terminal",
@@ -42,15 +44,7 @@ def register(sub) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="model directory (effilm checkpoint or HF) with tokenizer.json")
     p.add_argument("--prompt", required=True, help="the prompt text (the user message with --chat)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="CTRL-style penalty on tokens already seen (> 0); 1 = off")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--stop", nargs="+", metavar="STR", default=None,
-                   help="stop strings; generation ends before the first one (not printed)")
+    add_arguments(p, SamplingParams, group_title="sampling")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,

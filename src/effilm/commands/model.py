@@ -6,6 +6,7 @@ import argparse
 import json
 
 from effilm.config.cost import human_bytes, human_count
+from effilm.config.reader import add_arguments, from_args, given
 
 
 def register(sub) -> None:
@@ -24,20 +25,19 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON (keys include total_params, active_params)")
     p.set_defaults(func=cmd_params)
 
+    from effilm.demo.config import DemoConfig
+    from effilm.formats.convert import ConvertConfig
+
     p = sub.add_parser(
         "convert",
         help="convert between effilm, Hugging Face and GGUF formats",
         description="Convert a model directory. --to hf writes a directory transformers' AutoModelForCausalLM "
         "loads; --to effilm writes an effilm checkpoint; --to gguf writes a llama.cpp GGUF file (--type). "
-        "SRC may be effilm or HF.",
+        "SRC may be effilm or HF; its tokenizer files travel with the model.",
     )
     p.add_argument("src", help="source model directory (effilm or HF)")
-    p.add_argument("dst", help="destination directory")
-    p.add_argument("--to", choices=["hf", "effilm", "gguf"], required=True, help="output format (gguf: DST is a .gguf file)")
-    p.add_argument("--arch", default=None, help="HF architecture to write (default: chosen from the layout)")
-    from effilm.commands.ship import add_gguf_arguments
-
-    add_gguf_arguments(p)
+    p.add_argument("dst", help="destination directory (a .gguf file for --to gguf)")
+    add_arguments(p, ConvertConfig)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -47,15 +47,16 @@ def register(sub) -> None:
         "held-out MMLU-format quiz; clean them (dedup, filters, decontamination against the quiz, plus a "
         "planted-leak check); train a BPE tokenizer and shards; train tiny-dense on web text, tiny-dense web-then-"
         "textbook and a tiny Arctic hybrid (same active parameters) at equal token budgets; evaluate all three "
-        "(quiz letter and cloze accuracy vs chance, bits per byte, contamination status). Writes OUT/summary.json "
-        "with per-stage wall and CPU times and plain-language notes on what the numbers show. About 10 minutes "
-        "on a 2-core CPU; --quick takes 1-2 minutes.",
+        "(quiz letter and cloze accuracy vs chance, bits per byte, contamination status); ship the best one and "
+        "write OUT/report.html. Writes OUT/summary.json with per-stage wall and CPU times and plain-language "
+        "notes on what the numbers show. About 5 minutes on a 2-core CPU; --quick takes well under one. Every "
+        "DemoConfig field can be set with a flag.",
     )
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    p.add_argument("--quick", action="store_true", help="small data and budgets, for CI (1-2 minutes)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the data, tokenizer order and models (default 0)")
+    p.add_argument("--quick", action="store_true", help="small data and budgets, for CI (well under a minute)")
     p.add_argument("--config", default=None, metavar="TOML",
                    help="demo config file (every DemoConfig field; see configs/demo.toml and configs/demo-quick.toml)")
+    add_arguments(p, DemoConfig, group_title="demo settings (override --config and --quick)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -116,22 +117,14 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    import effilm
+    from effilm.formats.convert import ConvertConfig, convert
 
-    if args.to == "gguf":
-        from effilm.commands.ship import cmd_convert_gguf
-
-        return cmd_convert_gguf(args)
-    model = effilm.load(args.src)
-    if args.to == "hf":  # the tokenizer files of SRC, when it has them, travel with the weights
-        effilm.save_hf(model, args.dst, arch=args.arch, tokenizer_dir=args.src)
-    else:
-        effilm.save(model, args.dst, tokenizer_dir=args.src)
-    print(f"wrote {args.dst} ({args.to})")
+    print(convert(args.src, args.dst, from_args(ConvertConfig, args)))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from effilm.demo.config import DemoConfig
     from effilm.demo.run import run_demo
 
-    return run_demo(args.out, quick=args.quick, seed=args.seed, config=args.config)
+    return run_demo(args.out, quick=args.quick, config=args.config, overrides=given(args, DemoConfig))

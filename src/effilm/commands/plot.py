@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import warnings
 
+from effilm.config.reader import add_arguments, from_args
+
 
 def register(sub) -> None:
     from effilm.reports.plots import PlotConfig  # light: matplotlib is imported only when drawing
@@ -22,7 +24,7 @@ def register(sub) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories")
     p.add_argument("--out", default=None,
                    help="output directory (default: RUN_DIR/plots for one run, ./plots for several)")  # fmt: skip
-    p.add_argument("--dpi", type=int, default=None, help=f"PNG resolution in dots per inch (default: {PlotConfig.dpi})")
+    add_arguments(p, PlotConfig, group_title="figures")
     p.set_defaults(func=cmd_plot)
 
 
@@ -32,7 +34,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from effilm.reports.plots import PlotConfig, plot_runs
 
     out = args.out or (str(Path(args.run_dirs[0]) / "plots") if len(args.run_dirs) == 1 else "plots")
-    cfg = PlotConfig() if args.dpi is None else PlotConfig(dpi=args.dpi)
+    cfg = from_args(PlotConfig, args)
     notes: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same text comes back in notes, printed once below

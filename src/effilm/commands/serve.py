@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
+from effilm.config.reader import add_arguments, from_args
 
 
 def cmd_serve(args) -> int:
     from effilm.serve.app import ServeConfig, serve
 
-    names = [f.name for f in dataclasses.fields(ServeConfig)]
-    cfg = ServeConfig(**{n: getattr(args, n) for n in names})
-    return serve(cfg)
+    return serve(from_args(ServeConfig, args))
 
 
 def register(sub) -> None:
-    # ServeConfig is a plain dataclass with no heavy imports, so its help text is the flags' help.
-    from effilm.serve.app import ServeConfig
+    import argparse
+
+    from effilm.serve.app import ServeConfig  # a plain dataclass: its help text is the flags' help
 
     p = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
@@ -27,13 +25,8 @@ def register(sub) -> None:
         "SIGTERM (or Ctrl-C) stops accepting, lets running requests finish and exits 0.",
         epilog="example: EFFILM_KEY=s3cret effilm serve runs/tiny --api-key-env EFFILM_KEY --port 8000\n"
         "then: curl -H 'Authorization: Bearer s3cret' localhost:8000/v1/completions "
-        "-d '{\"model\": \"tiny\", \"prompt\": \"Once\", \"max_tokens\": 8}'",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "-H 'Content-Type: application/json' -d '{\"model\": \"tiny\", \"prompt\": \"Once\", \"max_tokens\": 8}'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for f in dataclasses.fields(ServeConfig):
-        if f.name == "model":
-            p.add_argument("model", help=f.metadata["help"])
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=f.metadata["help"])
+    add_arguments(p, ServeConfig, positional=("model",))
     p.set_defaults(func=cmd_serve)

@@ -1,8 +1,8 @@
 """Data configs: tokenizer training, tokenization into shards, sources, stages and mixtures.
 
 Plain dataclasses of serialisable fields. Every check that can fail raises ``ConfigError``
-naming the field; ``from_dict`` rejects unknown keys with a did-you-mean hint, so a TOML run
-file maps one-to-one onto these classes::
+naming the field; :mod:`effilm.config.reader` builds them from data (unknown keys rejected with a
+did-you-mean hint), so a TOML run file maps one-to-one onto these classes::
 
     [data]
     seq_len = 1024
@@ -26,17 +26,11 @@ file maps one-to-one onto these classes::
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass
 
+from effilm.config.reader import build
+from effilm.config.reader import option as _f
 from effilm.errors import ConfigError, closest
-
-
-def _f(default: Any = None, help: str = "", factory=None):  # noqa: A002 - 'help' reads best here
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
 
 TEXT_SPLITS = ("paragraph", "line", "file")
 EOS_TOKEN = "<|endoftext|>"
@@ -52,21 +46,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-
-
-def known_keys(cls, d: dict, where: str) -> dict:
-    """Return ``d`` if all its keys are fields of ``cls``; otherwise raise naming each unknown key."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a table of keys, got {type(d).__name__}")
-    names = [f.name for f in fields(cls)]
-    unknown = [k for k in d if k not in names]
-    if unknown:
-        hints = []
-        for k in unknown:
-            near = closest(str(k), names)
-            hints.append(f"{k!r}" + (f" (did you mean {', '.join(map(repr, near))}?)" if near else ""))
-        raise ConfigError(f"unknown {where} config key(s): {', '.join(hints)}")
-    return d
 
 
 def _check_pos(obj, where: str, *names: str) -> None:
@@ -142,10 +121,6 @@ class SourceConfig:
         if isinstance(self.val_sequences, bool) or not isinstance(self.val_sequences, int) or self.val_sequences < 0:
             raise ConfigError(f"data.sources[{self.name!r}].val_sequences={self.val_sequences!r} must be an integer >= 0")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> SourceConfig:
-        return cls(**known_keys(cls, d, "data.sources[]"))
-
 
 @dataclass
 class StageConfig:
@@ -173,10 +148,6 @@ class StageConfig:
         total = float(sum(self.mixture.values()))
         return {k: float(v) / total for k, v in self.mixture.items()}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> StageConfig:
-        return cls(**known_keys(cls, d, "data.stages[]"))
-
 
 @dataclass
 class DataConfig:
@@ -189,8 +160,8 @@ class DataConfig:
     doc_ids: bool = _f(False, "Return per-row document ids so the model can mask attention across documents.")
 
     def __post_init__(self) -> None:
-        self.sources = [SourceConfig.from_dict(s) if isinstance(s, dict) else s for s in self.sources]
-        self.stages = [StageConfig.from_dict(s) if isinstance(s, dict) else s for s in self.stages]
+        self.sources = [build(SourceConfig, s, "data.sources[]") for s in self.sources]
+        self.stages = [build(StageConfig, s, "data.stages[]") for s in self.stages]
         _check_pos(self, "data", "seq_len")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"data.seed={self.seed!r} must be an integer >= 0")
@@ -223,7 +194,3 @@ class DataConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DataConfig:
-        return cls(**known_keys(cls, d, "data"))

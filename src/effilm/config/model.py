@@ -7,19 +7,13 @@ the serialised fields. Every check that can fail raises ``ConfigError`` naming t
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import effilm.config.cost as cost
 from effilm.config.presets import preset_dict
+from effilm.config.reader import build, choice
+from effilm.config.reader import option as _f
 from effilm.errors import ConfigError
-
-
-def _f(default: Any = None, help: str = "", factory=None):  # noqa: A002 - 'help' reads best here
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
 
 ROUTERS = ("softmax_topk", "sparsemixer")
 AUX_CONVENTIONS = ("switch", "hf")
@@ -138,7 +132,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
-            self.moe = MoEConfig(**_known(MoEConfig, self.moe, "moe"))
+            self.moe = build(MoEConfig, self.moe, "moe")
         for name in ("rope_short_factor", "rope_long_factor", "qkv_multipliers", "ffn_multipliers"):
             v = getattr(self, name)
             if v is not None:
@@ -235,13 +229,32 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        return cls(**_known(cls, d, "model"))
+    def from_dict(cls, d: dict, where: str = "model") -> ModelConfig:
+        """The config from plain data (``to_dict``'s output, a ``[model]`` table with an optional
+        ``preset``), through the one config reader."""
+        return build(cls, d, where)
+
+    __config_extra_keys__ = ("preset",)
+
+    @classmethod
+    def __config_expand__(cls, d: dict, where: str = "model") -> dict:
+        """``preset = NAME`` starts from that preset; the other keys override it, and a ``moe``
+        table merges into the preset's."""
+        preset = d.pop("preset", None)
+        if preset is None:
+            return d
+        base = preset_dict(preset)
+        moe = d.pop("moe", None)
+        if isinstance(moe, dict) and isinstance(base.get("moe"), dict):
+            base["moe"] = {**base["moe"], **moe}
+        elif moe is not None:
+            base["moe"] = moe
+        return {**base, **d}
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> ModelConfig:
         """Preset ``name`` (see ``effilm.config.presets``), with ``overrides`` of any field."""
-        return cls.from_dict({**preset_dict(name), **overrides})
+        return build(cls, {**preset_dict(name), **overrides}, "model")
 
     # ----- cost accounting (see effilm.config.cost) -----------------------------------------
     def num_params(self) -> int:
@@ -260,20 +273,6 @@ def _linspace_round(lo: float, hi: float, n: int) -> list[float]:
     return [round(lo + (hi - lo) * i / (n - 1), 2) for i in range(n)]
 
 
-def _known(cls, d: dict, where: str) -> dict:
-    names = {f.name for f in fields(cls)}
-    unknown = [k for k in d if k not in names]
-    if unknown:
-        from effilm.errors import closest
-
-        hints = "; ".join(
-            f"{k!r}" + (f" (did you mean {', '.join(map(repr, closest(k, names)))}?)" if closest(k, names) else "")
-            for k in unknown
-        )
-        raise ConfigError(f"unknown {where} config key(s): {hints}")
-    return dict(d)
-
-
 def _check_pos(obj, *names: str) -> None:
     for name in names:
         v = getattr(obj, name)
@@ -283,14 +282,7 @@ def _check_pos(obj, *names: str) -> None:
 
 
 def _check_choice(obj, name: str, choices) -> None:
-    v = getattr(obj, name)
-    if v not in choices:
-        from effilm.errors import closest
-
-        prefix = "moe." if isinstance(obj, MoEConfig) else ""
-        near = closest(str(v), choices)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ConfigError(f"{prefix}{name}={v!r} is not one of {list(choices)}{hint}")
+    choice(obj, "moe" if isinstance(obj, MoEConfig) else "model", name, choices)
 
 
 def longrope_mscale(factor: float, original: int) -> float:

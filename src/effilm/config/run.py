@@ -25,7 +25,8 @@ A run file maps one-to-one onto :class:`RunConfig`::
     [train]                           # TrainConfig
     global_batch = 16
 
-On the command line, ``--optim.lr=3e-4`` or ``--model.moe.num_experts=16`` override any key.
+On the command line, ``--optim.lr=3e-4`` or ``--model.moe.num-experts=16`` override any key
+(flags generated from these dataclasses by :mod:`effilm.config.reader`, the one config reader).
 Values are parsed as TOML literals (``3e-4``, ``true``, ``"text"``, ``[1, 2]``); ``none`` means
 None; anything else is taken as a string. Unknown keys and wrong types are errors naming the key.
 The resolved config (``RunConfig.to_dict()``) is written as ``config.json`` into the run directory
@@ -35,30 +36,15 @@ and into every checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import sys
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-from effilm.config.data import DataConfig, known_keys
-from effilm.config.model import ModelConfig, MoEConfig
-from effilm.errors import ConfigError, closest
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
-
-def _f(default: Any = None, help: str = "", factory=None):  # noqa: A002
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
+from effilm.config.data import DataConfig
+from effilm.config.model import ModelConfig
+from effilm.config.reader import build, choice, read_file
+from effilm.config.reader import option as _f
+from effilm.errors import ConfigError
 
 SCHEDULES = ("cosine", "wsd", "constant")
 SCHEDULE_SCOPES = ("run", "stage")
@@ -89,9 +75,9 @@ class OptimConfig:
     foreach: bool | None = _f(None, "Use torch's multi-tensor AdamW; None = torch's default for the device.")
 
     def __post_init__(self) -> None:
-        _choice(self, "optim", "schedule", SCHEDULES)
-        _choice(self, "optim", "scope", SCHEDULE_SCOPES)
-        _choice(self, "optim", "decay_shape", DECAY_SHAPES)
+        choice(self, "optim", "schedule", SCHEDULES)
+        choice(self, "optim", "scope", SCHEDULE_SCOPES)
+        choice(self, "optim", "decay_shape", DECAY_SHAPES)
         if not self.lr > 0:
             raise ConfigError(f"optim.lr={self.lr!r} must be positive")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -153,10 +139,10 @@ class TrainConfig:
             raise ConfigError(
                 f"train.global_batch={self.global_batch} must be a multiple of train.micro_batch={self.micro_batch}"
             )
-        _choice(self, "train", "device", DEVICES)
-        _choice(self, "train", "precision", PRECISIONS)
-        _choice(self, "train", "nan_policy", NAN_POLICIES)
-        _choice(self, "train", "parallelism", PARALLELISMS)
+        choice(self, "train", "device", DEVICES)
+        choice(self, "train", "precision", PRECISIONS)
+        choice(self, "train", "nan_policy", NAN_POLICIES)
+        choice(self, "train", "parallelism", PARALLELISMS)
 
 
 @dataclass
@@ -199,169 +185,25 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "run config") -> RunConfig:
-        d = dict(known_keys(cls, d, "run"))
         try:
-            if "model" in d:
-                d["model"] = model_from_table(d["model"])
-            if "data" in d:
-                d["data"] = typed(DataConfig, known_keys(DataConfig, d["data"], "data"), "data")
-            if "optim" in d:
-                d["optim"] = typed(OptimConfig, known_keys(OptimConfig, d["optim"], "optim"), "optim")
-            if "train" in d:
-                d["train"] = typed(TrainConfig, known_keys(TrainConfig, d["train"], "train"), "train")
-            check_types(cls, {k: v for k, v in d.items() if k in ("out_dir", "tokenizer")}, "")
-            return cls(**d)
+            return build(cls, d)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 
 
-def model_from_table(t: dict) -> ModelConfig:
-    """``[model]``: optional ``preset`` plus ModelConfig keys overriding it."""
-    if not isinstance(t, dict):
-        raise ConfigError("[model] must be a table")
-    t = dict(t)
-    preset = t.pop("preset", None)
-    if preset is not None:
-        base = ModelConfig.from_name(preset).to_dict()
-        moe_over = t.pop("moe", None)
-        if isinstance(moe_over, dict) and isinstance(base.get("moe"), dict):
-            base["moe"] = {**base["moe"], **moe_over}
-        elif moe_over is not None:
-            base["moe"] = moe_over
-        base.update(t)
-        t = base
-    known_keys(ModelConfig, t, "model")
-    if isinstance(t.get("moe"), dict):
-        check_types(MoEConfig, known_keys(MoEConfig, t["moe"], "model.moe"), "model.moe")
-    return typed(ModelConfig, t, "model")
-
-
-# ----- type checking ------------------------------------------------------------------------
-def _type_ok(value, tp) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if origin is list:
-        (inner,) = typing.get_args(tp) or (Any,)
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, inner) for v in value)
-    if origin is dict:
-        k_t, v_t = typing.get_args(tp) or (Any, Any)
-        return isinstance(value, dict) and all(_type_ok(k, k_t) and _type_ok(v, v_t) for k, v in value.items())
-    if dataclasses.is_dataclass(tp):
-        return isinstance(value, (tp, dict))
-    return True
-
-
-def _type_name(tp) -> str:
-    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
-def check_types(cls, d: dict, where: str) -> None:
-    """Raise ConfigError naming the first key of ``d`` whose value does not fit ``cls``'s field type."""
-    hints = typing.get_type_hints(cls)
-    for k, v in d.items():
-        if k in hints and not _type_ok(v, hints[k]):
-            key = f"{where}.{k}" if where else k
-            raise ConfigError(f"{key}={v!r} should be of type {_type_name(hints[k])}, not {type(v).__name__}")
-
-
-def typed(cls, d: dict, where: str):
-    check_types(cls, d, where)
-    return cls(**d)
-
-
-def _choice(obj, where: str, name: str, choices) -> None:
-    v = getattr(obj, name)
-    if v not in choices:
-        near = closest(str(v), list(choices))
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ConfigError(f"{where}.{name}={v!r} must be one of {choices}{hint}")
-
-
-# ----- files and overrides ------------------------------------------------------------------
-def parse_value(raw: str):
-    """A command-line value: a TOML literal when it parses as one, ``none`` for None, else a string."""
-    if raw.strip().lower() in ("none", "null"):
-        return None
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
-
-
-def _known_path(keys: list[str]) -> None:
-    """Check a dotted override path names real fields (``model.moe.num_experts``, ``optim.lr``)."""
-    cls = RunConfig
-    for depth, k in enumerate(keys):
-        if cls is ModelConfig and k == "preset":
-            if depth != len(keys) - 1:
-                break
-            return
-        names = [f.name for f in fields(cls)]
-        if k not in names:
-            near = closest(k, names)
-            prefix = ".".join(keys[:depth])
-            where = f"--{prefix + '.' if prefix else ''}{k}"
-            hint = f" (did you mean {', '.join(repr(n) for n in near)}?)" if near else ""
-            raise ConfigError(f"unknown config key {where}{hint}")
-        if depth == len(keys) - 1:
-            return
-        nxt = _SECTIONS.get(k) if cls is RunConfig else None
-        if cls is ModelConfig and k == "moe":
-            nxt = MoEConfig
-        if nxt is None:
-            raise ConfigError(f"--{'.'.join(keys)}: {'.'.join(keys[: depth + 1])} is not a table of keys")
-        cls = nxt
-
-
-def apply_overrides(d: dict, overrides: list[str]) -> dict:
-    """Apply ``KEY=VALUE`` (or ``--KEY=VALUE``) dotted overrides to the raw run dict."""
-    d = json.loads(json.dumps(d))  # deep copy of plain data
-    for item in overrides:
-        text = item[2:] if item.startswith("--") else item
-        if "=" not in text:
-            raise ConfigError(f"override {item!r} must look like --section.key=value")
-        key, raw = text.split("=", 1)
-        keys = key.split(".")
-        _known_path(keys)
-        node = d
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {k} is not a table")
-        node[keys[-1]] = parse_value(raw)
-    return d
-
-
 def read_run_file(path: str | Path) -> dict:
-    """The raw dict of a run file: TOML, or a JSON config.json written by an earlier run."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: run config file not found")
+    """The raw dict of a run file: TOML, or a JSON config.json written by an earlier run (which
+    keeps the run under ``"run"``)."""
+    d = read_file(path, "run config file")
+    return d.get("run", d) if Path(path).suffix == ".json" else d
+
+
+def load_run_config(path: str | Path, overrides=()) -> RunConfig:
+    """The run file at ``path`` with dotted ``overrides`` (``{"optim.lr": 3e-4}`` or ``["optim.lr=3e-4"]``)."""
+    from effilm.config.reader import apply_overrides
+
+    d = read_run_file(path)
     try:
-        if path.suffix == ".json":
-            d = json.loads(path.read_text())
-            return d.get("run", d)  # a checkpoint's config.json keeps the run under "run"
-        return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not a valid run file: {exc}") from None
-
-
-def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    d = apply_overrides(read_run_file(path), list(overrides or []))
-    return RunConfig.from_dict(d, where=str(path))
+        return build(RunConfig, apply_overrides(RunConfig, d, overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -15,15 +15,13 @@ Rejected records go to ``rejects.jsonl`` with the filter and the measured value;
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import typing
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from effilm.data.inputs import iter_records
-from effilm.errors import ConfigError, closest
+from effilm.errors import ConfigError
 from effilm.io import atomic_open, atomic_write_json
 
 FILTERS = ("empty", "truncated", "boilerplate", "length", "repetition", "non_alpha")
@@ -62,30 +60,6 @@ class FilterConfig:
         if bad:
             raise ConfigError(f"filters.disabled: unknown filter(s) {bad}; choose from {list(FILTERS)}")
         self.boilerplate_openings = [o.lower() for o in self.boilerplate_openings]
-
-    @classmethod
-    def from_strings(cls, values: dict[str, str]) -> FilterConfig:
-        """Build from ``FIELD=VALUE`` strings (the CLI's ``--set``); lists are comma-separated."""
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
-        kwargs: dict = {}
-        for key, raw in values.items():
-            if key not in names:
-                hint = closest(key, names)
-                raise ConfigError(f"filters: unknown field {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-            tp = hints[key]
-            try:
-                if tp is bool:
-                    if raw.lower() not in ("true", "false", "1", "0"):
-                        raise ValueError(raw)
-                    kwargs[key] = raw.lower() in ("true", "1")
-                elif typing.get_origin(tp) is list:
-                    kwargs[key] = [x.strip() for x in raw.split(",") if x.strip()]
-                else:
-                    kwargs[key] = tp(raw)
-            except ValueError:
-                raise ConfigError(f"filters.{key}: cannot read {raw!r} as {getattr(tp, '__name__', tp)}") from None
-        return cls(**kwargs)
 
 
 def repeated_fraction(words: list[str], n: int) -> float:

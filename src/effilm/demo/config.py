@@ -13,17 +13,15 @@ experts of width ``d_model`` each, so with ``top_k = ffn_mult - 1`` both models 
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 
+from effilm.config.reader import apply_overrides, build, load
 from effilm.errors import ConfigError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
 MODEL_NAMES = ("dense-web", "dense-textbook", "arctic-textbook")
+# `effilm demo --quick`: the fields the CI setting changes
+QUICK = dict(num_facts=40, textbook_records=300, web_records=400, heldout_records=10, train_tokens=32_768,
+             vocab_size=512, warmup_steps=4, log_every=4, val_sequences=2)
 
 
 @dataclass
@@ -95,36 +93,19 @@ class DemoConfig:
             raise ConfigError("demo.lr must be positive and demo.warmup_steps >= 0")
 
     @classmethod
-    def quick(cls, **overrides) -> DemoConfig:
-        """The CI setting: less data, smaller budgets, the same model shapes."""
-        base = dict(num_facts=40, textbook_records=300, web_records=400, heldout_records=10, train_tokens=32_768,
-                    vocab_size=512, warmup_steps=4, log_every=4, val_sequences=2)
-        base.update(overrides)
-        return cls(**base)
+    def quick(cls, overrides=()) -> DemoConfig:
+        """The CI setting: less data, smaller budgets, the same model shapes (dotted ``overrides``
+        applied on top)."""
+        return build(cls, apply_overrides(cls, QUICK, overrides), "demo")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_toml(cls, path, **overrides) -> DemoConfig:
-        """A demo config file (``configs/demo.toml``): DemoConfig keys at the top level, or under ``[demo]``."""
-        from pathlib import Path
-
-        from effilm.config.data import known_keys
-        from effilm.config.run import check_types
-
-        p = Path(path)
-        try:
-            d = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{p}: cannot read the demo config ({exc})") from None
-        d = d.get("demo", d)
-        try:
-            known_keys(cls, d, "demo")
-            check_types(cls, d, "demo")
-        except ConfigError as exc:
-            raise ConfigError(f"{p}: {exc}") from None
-        return cls(**{**d, **overrides})
+    def from_toml(cls, path, overrides=()) -> DemoConfig:
+        """A demo config file (``configs/demo.toml``): DemoConfig keys at the top level, or under
+        ``[demo]``, with dotted ``overrides`` applied (through the one config reader)."""
+        return load(cls, path, overrides, section="demo", what="demo config")
 
     def to_toml(self) -> str:
         """The config as a commented TOML file that ``from_toml`` reads back to an equal config."""

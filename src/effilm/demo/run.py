@@ -71,6 +71,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from effilm.config.reader import load
 from effilm.demo.config import DemoConfig
 from effilm.io import atomic_write_json
 
@@ -205,18 +206,17 @@ def print_outcome(summary: dict, out_dir: Path) -> None:
     print(f"\nwrote {out_dir / 'summary.json'}")
 
 
-def run_demo(out: str, quick: bool = False, seed: int | None = None, config: str | None = None) -> int:
+def run_demo(out: str, quick: bool = False, config: str | None = None, overrides=()) -> int:
     """The ``effilm demo`` entry point. Returns 0 when every stage ran and the planted-leak check held.
 
     ``config`` is a demo TOML file (``configs/demo.toml``); otherwise the built-in full or quick
-    setting. ``seed`` overrides the config's seed."""
+    setting. ``overrides`` (dotted ``{"seed": 3}``) apply on top."""
     from effilm.errors import EffilmError
 
-    over = {} if seed is None else {"seed": seed}
     if config:
-        cfg = DemoConfig.from_toml(config, **over)
+        cfg = DemoConfig.from_toml(config, overrides)
     else:
-        cfg = DemoConfig.quick(**over) if quick else DemoConfig(**over)
+        cfg = DemoConfig.quick(overrides) if quick else load(DemoConfig, overrides=overrides)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise EffilmError(f"--out {out}: exists and is not a directory")

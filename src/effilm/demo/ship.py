@@ -32,15 +32,6 @@ def _variants(quick: bool):
     return out
 
 
-def _windows(path: Path, tokenizer, seq_len: int, limit: int):
-    import json
-
-    from effilm.quant.report import windows
-
-    text = "\n\n".join(json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    return windows(tokenizer.encode(text), seq_len)[:limit]
-
-
 def _cloze_acc(model, tokenizer, quiz, cfg: DemoConfig) -> float:
     from effilm.eval.report import run_evaluation
     from effilm.eval.scoring import EvalConfig
@@ -53,15 +44,14 @@ def _cloze_acc(model, tokenizer, quiz, cfg: DemoConfig) -> float:
 def ship_model(summary: dict, out_dir: Path, cfg: DemoConfig, model_name: str, quick: bool, log=print) -> dict:
     import torch
 
-    from effilm.data.tokenizer import copy_tokenizer_files, load_tokenizer
+    from effilm.data.tokenizer import load_tokenizer
     from effilm.demo.stages import quiz_spec
     from effilm.eval.tasks import load_task
     from effilm.formats.gguf import export_gguf, verify_gguf
     from effilm.formats.hf import save_hf
     from effilm.formats.load import load
     from effilm.inference.engine import Engine, SamplingParams
-    from effilm.quant.quantize import quantize_model, save_quantized
-    from effilm.quant.report import build_report
+    from effilm.quant.pipeline import quantize_dir, text_windows
 
     torch.set_num_threads(cfg.threads)
     final = Path(summary["train"][model_name]["final_dir"])
@@ -70,19 +60,16 @@ def ship_model(summary: dict, out_dir: Path, cfg: DemoConfig, model_name: str, q
     tokenizer = load_tokenizer(final)
     fp = load(final)
     quiz = load_task(quiz_spec(Path(summary["synthesize"]["quiz"]["path"])))
-    eval_ids = _windows(Path(summary["synthesize"]["paths"]["heldout_textbook"]), tokenizer, cfg.seq_len, 64)
-    calib_ids = _windows(Path(summary["clean"]["paths"]["textbook"]), tokenizer, cfg.seq_len, 32)
+    eval_ids = text_windows(summary["synthesize"]["paths"]["heldout_textbook"], tokenizer, cfg.seq_len, "eval", 64)
+    calib_ids = text_windows(summary["clean"]["paths"]["textbook"], tokenizer, cfg.seq_len, "calib", 32)
     fp_acc = summary["evaluate"][model_name]["cloze"]["acc"]
     result: dict = {"status": "done", "model": model_name, "source": str(final), "quantized": []}
 
     log(f"  {'variant':14s} {'weights':>10s} {'ppl':>8s} {'agree':>6s} {'cloze':>6s} {'max layer err':>13s}")
     for label, qcfg in _variants(quick):
-        q = load(final)
-        q, spec = quantize_model(q, qcfg, calib_ids if qcfg.method == "gptq" else None)
         path = ship_dir / label
-        save_quantized(q, spec, path)
-        copy_tokenizer_files(final, path)
-        rep = build_report(fp, q, spec, eval_ids)
+        rep = quantize_dir(final, path, qcfg, calib_ids=calib_ids if qcfg.method == "gptq" else None,
+                           eval_ids=eval_ids, fp_model=fp, compare_rtn=False)["reports"][-1]
         rep.update(variant=label, path=str(path), cloze_acc=_cloze_acc(load(path), tokenizer, quiz, cfg),
                    cloze_acc_fp32=fp_acc, max_layer_error=max(x["max_abs_err"] for x in rep["layers"]))
         result["quantized"].append(rep)
@@ -91,8 +78,7 @@ def ship_model(summary: dict, out_dir: Path, cfg: DemoConfig, model_name: str, q
     result["fp32"] = {"weight_bytes": result["quantized"][0]["weight_bytes_fp32"],
                       "ppl": result["quantized"][0]["ppl_fp32"], "cloze_acc": fp_acc}
 
-    hf_dir = save_hf(fp, ship_dir / "hf")
-    copy_tokenizer_files(final, hf_dir)
+    hf_dir = save_hf(fp, ship_dir / "hf", tokenizer_dir=final)
     gguf_path = export_gguf(fp, ship_dir / "model-q8_0.gguf", "q8_0", tokenizer_dir=final, name=model_name)
     check = verify_gguf(gguf_path, fp, "q8_0")
     result["exports"] = {"hf": str(hf_dir), "gguf": str(gguf_path), "gguf_bytes": gguf_path.stat().st_size,

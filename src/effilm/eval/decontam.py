@@ -56,6 +56,7 @@ class DecontamConfig:
     batch_chars: int = field(default=1 << 22, metadata={"help": "characters hashed per numpy batch"})
     bloom_log2: int = field(default=25, metadata={"help": "log2 of the Bloom filter's bit count"})
     piece_separator: str = field(default=" ", metadata={"help": "text joining the pieces left after a cut"})
+    workers: int = field(default=1, metadata={"help": "corpus files scanned at once, each in its own process"})
 
     def __post_init__(self):
         if self.n < 1:
@@ -71,6 +72,8 @@ class DecontamConfig:
             raise ConfigError(f"bloom_log2: must be in 10..34, got {self.bloom_log2}")
         if self.batch_chars < 1:
             raise ConfigError("batch_chars: must be >= 1")
+        if self.workers < 1:
+            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
 
 
 def normalize(text: str) -> str:

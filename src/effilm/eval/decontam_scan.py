@@ -92,15 +92,17 @@ def scan_shard(path: str, clean_dir: str | None = None, index: NgramIndex | None
             "cpu_seconds": time.process_time() - c0, "hits": hits, "clean": {"kept": kept, "cut": cut, "dropped": dropped} if clean_dir else None}
 
 
-def find_contamination(benchmarks, corpus, cfg: DecontamConfig | None = None, *, workers: int = 1,
+def find_contamination(benchmarks, corpus, cfg: DecontamConfig | None = None, *,
                        clean_out: str | os.PathLike | None = None, task_cfg=None) -> dict:
     """Check corpus files against benchmark items; returns the report (JSON-serialisable).
 
-    ``benchmarks`` are task SPEC strings or loaded :class:`effilm.eval.tasks.Task` objects.
+    ``benchmarks`` are task SPEC strings or loaded :class:`effilm.eval.tasks.Task` objects;
+    ``cfg.workers`` corpus files are scanned at once.
     """
     from effilm.eval.tasks import Task, load_task
 
     cfg = cfg or DecontamConfig()
+    workers = cfg.workers
     tasks = [b if isinstance(b, Task) else load_task(b, task_cfg) for b in benchmarks]
     corpus = [str(c) for c in expand_inputs(corpus)]
     names = [Path(c).name.removesuffix(".gz") for c in corpus]

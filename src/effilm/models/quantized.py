@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effilm.config.quant import QuantConfig
+from effilm.config.reader import build
 from effilm.errors import ConfigError
 from effilm.models.transformer import Transformer
 
@@ -244,7 +245,7 @@ def quantized_module(name: str, module: nn.Module, cfg: QuantConfig) -> nn.Modul
 
 def build_quantized(model_cfg, spec: dict, device=None):
     """An empty model with quantized modules in place (the loader fills it from a checkpoint)."""
-    cfg = QuantConfig(**{k: v for k, v in spec.items() if k not in ("targets", "full_precision")})
+    cfg = build(QuantConfig, {k: v for k, v in spec.items() if k not in ("targets", "full_precision")}, "quantization")
     with torch.device("meta"):
         model = Transformer(model_cfg)
         targets = spec.get("targets") or target_names(model)

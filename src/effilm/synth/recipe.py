@@ -10,14 +10,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import tomllib
-
-from effilm.errors import ConfigError, closest
+from effilm.config.reader import apply_overrides, build, read_file, tomllib
+from effilm.errors import ConfigError
 from effilm.synth.procedural import ProceduralConfig
 
 BACKENDS = ("procedural", "openai", "local")
@@ -136,56 +134,20 @@ class Recipe:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def _convert(tp, value, where: str):
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
-        return from_dict(tp, value, where)
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        return [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def from_dict(cls, data: dict, where: str = "recipe"):
-    """Build dataclass ``cls`` from a dict, refusing unknown keys and wrong types by name."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            hint = closest(key, names)
-            raise ConfigError(f"{where}: unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-        kwargs[key] = _convert(hints[key], value, f"{where}.{key}")
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def load_recipe(path: str | Path | None = None, **overrides) -> Recipe:
-    """Read a recipe TOML (the bundled default when ``path`` is None) and apply overrides."""
+def load_recipe(path: str | Path | None = None, overrides=()) -> Recipe:
+    """Read a recipe TOML (the bundled default when ``path`` is None) through the one config
+    reader, with dotted ``overrides`` (``{"backend": "local", "openai.model": "m"}``) applied."""
     if path is None:
         text = resources.files("effilm.synth").joinpath("recipes", "default.toml").read_text(encoding="utf-8")
         where, base = "default.toml", Path(".")
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe {path} does not exist")
-        text, where, base = path.read_text(encoding="utf-8"), str(path), path.parent
-    try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{where}: invalid TOML: {exc}") from None
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    recipe = from_dict(Recipe, data, where)
+    else:
+        where, base = str(path), Path(path).parent
+        data = read_file(path, "recipe")
+    try:
+        recipe = build(Recipe, apply_overrides(Recipe, data, overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     if recipe.topics_file:
         tf = (base / recipe.topics_file) if not Path(recipe.topics_file).is_absolute() else Path(recipe.topics_file)
         if not tf.is_file():

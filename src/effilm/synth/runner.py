@@ -22,7 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from effilm.errors import EffilmError
+from effilm.config.reader import option
+from effilm.errors import ConfigError, EffilmError
 from effilm.io import atomic_open, atomic_write_json, iter_jsonl, sha256_file
 from effilm.synth.recipe import Recipe, check_teacher_recipe
 
@@ -76,15 +77,31 @@ def _procedural_shard(task) -> tuple[str, str, dict]:
     return stream, name, {"start": start, "end": end, **entry}
 
 
+@dataclass
+class SynthOptions:
+    """How one ``effilm synth`` invocation runs a recipe (the recipe says what to make)."""
+
+    limit: int | None = option(None, "At most this many records per stream (a prefix of the full run).")
+    workers: int = option(1, "Processes for procedural shards.")
+    dry_run: bool = option(False, "Print the requests and tokens the run would cost; send and write nothing.")
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"limit={self.limit} must be >= 0")
+        if self.workers < 1:
+            raise ConfigError(f"workers={self.workers} must be >= 1")
+
+
 class Run:
-    def __init__(self, recipe: Recipe, out: str | Path, *, limit: int | None = None, workers: int = 1,
+    def __init__(self, recipe: Recipe, out: str | Path, options: SynthOptions | None = None, *,
                  api_key_env: str | None = None, log=None, generator=None):
+        options = options or SynthOptions()
         self.recipe, self.out = recipe, Path(out)
-        self.limit, self.workers = limit, max(1, workers)
+        self.limit, self.workers = options.limit, options.workers
         self.api_key_env = api_key_env or recipe.openai.api_key_env
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.generator = generator  # a local-backend Generator; tests pass one in
-        self.streams = streams_for(recipe, limit)
+        self.streams = streams_for(recipe, self.limit)
         self.hash = recipe.content_hash()
         if recipe.backend != "procedural":
             check_teacher_recipe(recipe)
