@@ -4,7 +4,7 @@ A tiny Phi-3-style dense model and a tiny Mixtral-style MoE model are built in e
 ``effilm.formats.hf.save_hf`` and loaded by transformers (``Phi3ForCausalLM``, ``MixtralForCausalLM``), so
 both sides train the same architecture from the same weights. One step is forward + loss (with the
 MoE auxiliary loss on both sides) + backward + gradient clipping + AdamW, on ``batch x seq``
-tokens. effilm's step is the trainer's own code (``effilm.train.loop.micro_loss``). For the MoE model
+tokens. effilm's step is the trainer's own code (``effilm.train.objectives.LanguageModeling``). For the MoE model
 transformers' eager and grouped_mm experts implementations are timed (batched_mm gathers a
 weight matrix per assignment, several GiB at these sizes, and is left out).
 
@@ -48,13 +48,14 @@ def model_configs(quick: bool) -> dict:
 def effilm_step_fn(model, opt, tokens, clip):
     import torch
 
-    from effilm.train.loop import micro_loss
+    from effilm.train.objectives import LanguageModeling, StepContext
 
     batch = SimpleNamespace(tokens=tokens, doc_ids=None)
-    n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
+    objective = LanguageModeling()
+    ctx = StepContext(torch.device("cpu"), global_count=objective.global_count([batch], 1))
 
     def step():
-        loss, _, _ = micro_loss(model, batch, torch.device("cpu"), None, n_tokens, 1.0, 1)
+        loss = objective.micro_loss(model, batch, ctx).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()

@@ -163,7 +163,9 @@ CLIP = 1.0  # gradient clipping threshold: the first steps' norms exceed it, so 
 
 
 def _optimizer(model):
-    return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    # eps well above float noise: an expert whose gradient is ~0 in both runs must not be pushed to +-lr
+    # by rounding differences in the sign of that ~0 (Adam divides by sqrt(v) + eps)
+    return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, eps=1e-6)
 
 
 def train_worker(rank: int, world: int, port: int, out_path: str, preset: str, ep: bool, steps: int) -> None:

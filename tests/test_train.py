@@ -248,19 +248,19 @@ def test_leftovers_of_a_crash_are_cleaned_on_resume(data, tmp_path):
 
 # ----- failure handling --------------------------------------------------------------------------------
 def test_nan_guard_stop_and_skip(data, tmp_path, monkeypatch):
-    import effilm.train.loop as tr
+    from effilm.train.objectives import LanguageModeling, MicroLoss
 
-    real = tr.micro_loss
+    real = LanguageModeling.micro_loss
     calls = {"n": 0}
 
-    def poisoned(*a, **k):
-        loss, ce, routing = real(*a, **k)
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
         calls["n"] += 1
         if calls["n"] in (9, 10):  # both micro-batches of step 5
-            return loss * float("nan"), ce * float("nan"), routing
-        return loss, ce, routing
+            return MicroLoss(out.loss * float("nan"), out.loss_sum * float("nan"), out.routing)
+        return out
 
-    monkeypatch.setattr(tr, "micro_loss", poisoned)
+    monkeypatch.setattr(LanguageModeling, "micro_loss", poisoned)
     cfg = _cfg(data, tmp_path / "nan")
     with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step 5.*step-00000003.*untouched"):
         train(cfg)

@@ -361,14 +361,54 @@ def all_reduce_routing_stats(stats_list: list, dist: Dist) -> list:
     return out
 
 
+# ----- the trainer's interface: the same calls at any world size ------------------------------
+def parallelize(model: nn.Module, parallelism: str, dist: Dist) -> nn.Module:
+    """One process: the model itself. Under torchrun: experts spread over the ranks (MoE models,
+    when ``parallelism`` allows and the experts split evenly), then FSDP2 over every block."""
+    if not dist.distributed:
+        return model
+    cfg = model.cfg
+    has_moe = cfg.has_moe
+    if parallelism == "fsdp+ep" and not has_moe:
+        raise ConfigError("train.parallelism='fsdp+ep' needs a model with MoE layers")
+    if parallelism == "fsdp+ep" and cfg.moe.num_experts % dist.world_size:
+        raise ConfigError(
+            f"train.parallelism='fsdp+ep': {cfg.moe.num_experts} experts do not split evenly over {dist.world_size} ranks"
+        )
+    if parallelism == "fsdp+ep" or (parallelism == "auto" and has_moe and cfg.moe.num_experts % dist.world_size == 0):
+        apply_expert_parallel(model, dist)
+    return apply_fsdp(model, dist)
+
+
+def gather_state(model: nn.Module, optimizer, dist: Dist, with_optimizer: bool = True):
+    """``(weights, named optimizer state or None)`` in the single-device layout on rank 0, None on
+    the other ranks. Every rank must call it (it gathers shards and expert slices)."""
+    weights = full_state_dict(model, dist)
+    optim = full_optim_state_dict(model, optimizer, dist) if with_optimizer else None
+    return (weights, optim) if dist.is_main else None
+
+
+def load_state(model: nn.Module, optimizer, weights: dict, optim: dict | None, dist: Dist, source: str) -> None:
+    """Load a single-device checkpoint (saved at any world size) into the wrapped model and its
+    optimizer. Every rank passes the full state."""
+    load_full_state_dict(model, weights, dist, source)
+    if optim is not None:
+        load_full_optim_state_dict(model, optimizer, optim, dist)
+
+
 # ----- gradient clipping ---------------------------------------------------------------------
 def clip_grad_norm_(model: nn.Module, max_norm: float | None, dist: Dist) -> torch.Tensor:
     """Clip gradients by their global L2 norm across ranks and return that norm (before clipping).
 
     FSDP shards and expert-parallel slices are distinct per rank, so their squares are summed over
-    ranks; plain replicated parameters count once. ``max_norm=None`` only measures.
+    ranks; plain replicated parameters count once. ``max_norm=None`` only measures. In one process
+    this is torch's own ``clip_grad_norm_``.
     """
     from torch.distributed.tensor import DTensor
+
+    if not dist.distributed:
+        params = [p for p in model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
 
     ep = set(_ep_keys(model))
     dev = dist.device

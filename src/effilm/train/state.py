@@ -81,36 +81,7 @@ def _tupled(x):
     return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
 
 
-# ----- optimizer state by parameter name -----------------------------------------------------------
-def named_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
-    """``{"state": {name: {key: value}}, "param_groups": [{..., "params": [names]}]}``."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    sd = optimizer.state_dict()
-    index_to_name = {}
-    for group, saved in zip(optimizer.param_groups, sd["param_groups"], strict=True):
-        for p, idx in zip(group["params"], saved["params"], strict=True):
-            index_to_name[idx] = names[id(p)]
-    state = {index_to_name[i]: s for i, s in sd["state"].items()}
-    groups = [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in sd["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def load_named_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, named: dict) -> None:
-    names = {id(p): n for n, p in model.named_parameters()}
-    name_to_index, groups = {}, []
-    i = 0
-    for group, saved in zip(optimizer.param_groups, named["param_groups"], strict=True):
-        for p in group["params"]:
-            name_to_index[names[id(p)]] = i
-            i += 1
-        groups.append({**saved, "params": [name_to_index[n] for n in saved["params"]]})
-    missing = sorted(set(name_to_index) - set(named["state"]))
-    if missing and named["state"]:
-        raise CheckpointError(f"optimizer state lacks parameters: {missing[:5]}")
-    state = {name_to_index[n]: s for n, s in named["state"].items()}
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
+# ----- optimizer state by parameter name (effilm.train.parallel.full_optim_state_dict) ------------
 def _split_optimizer(named: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for name, st in named["state"].items():
