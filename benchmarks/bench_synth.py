@@ -42,7 +42,7 @@ def bench_openai(n: int, latency: float, levels=(1, 8, 32)) -> list[dict]:
     from effilm.synth.runner import Run
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "effilm.synth.fakeserver", "--latency", str(latency)],
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / "tests" / "support" / "fakeserver.py"), "--latency", str(latency)],
                             stdout=subprocess.PIPE, text=True, env=env)
     rows = []
     try:

@@ -1,10 +1,13 @@
+"""Shared by every test: the helpers in tests/support/ are importable (``from train_fixtures
+import make_data``), and every test starts from torch seed 0."""
+
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # the shared helpers (hf_models)
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 
 @pytest.fixture(autouse=True)

@@ -4,12 +4,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+import repo
 import torch
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(repo.SRC)
 
 
 def effilm(*args, check=True, cwd=None):

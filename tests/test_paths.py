@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import repo
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = repo.REPO
 SRC = str(REPO / "src")
 RECIPE = REPO / "src/effilm/synth/recipes/default.toml"
 

@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
+import repo
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = repo.REPO / "README.md"
 REPO = README.parent
 SRC = str(REPO / "src")
 

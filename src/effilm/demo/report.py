@@ -12,7 +12,8 @@ import json
 import platform
 from pathlib import Path
 
-REAL_PRESETS = ("arctic", "phi-3-mini-4k", "openelm-270m")
+from effilm.config.presets import COST_SEQ_LEN, REAL_PRESETS
+
 LABELS = {"dense-web": "dense, web text only", "dense-textbook": "dense, web then textbook",
           "arctic-textbook": "Arctic hybrid, web then textbook"}
 
@@ -131,7 +132,7 @@ def build_report(summary: dict, plots: dict[str, Path]) -> dict:
         ]})
 
     sections.append({"title": "5. Cost: the demo models beside the real ones", "blocks": [
-        {"table": model_cost_table(_model_configs(summary) + list(REAL_PRESETS), 2048)},
+        {"table": model_cost_table(_model_configs(summary) + list(REAL_PRESETS), COST_SEQ_LEN)},
         "The same accounting gives Arctic's 17.3B active of 478.6B total parameters: the hybrid's promise is the "
         "active column, which is what each token pays for.",
     ]})

@@ -71,12 +71,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from effilm.config.presets import COST_SEQ_LEN, REAL_PRESETS
 from effilm.config.reader import load
 from effilm.demo.config import DemoConfig
 from effilm.io import atomic_write_json
 
 SCHEMA_VERSION = 1
-REAL_PRESETS = ("arctic", "phi-3-mini-4k", "openelm-270m")
 STAGES = ("synthesize", "clean", "tokenize", "train", "evaluate", "ship", "report")
 SHIP_MODULES = ("effilm.quant.quantize", "effilm.formats.gguf", "effilm.inference.engine")
 REPORT_MODULES = ("effilm.reports.render", "effilm.reports.plots")
@@ -160,7 +160,7 @@ def run_pipeline(cfg: DemoConfig, out_dir: Path, quick: bool = False) -> dict:
     timings: dict = {}
     summary: dict = {"schema_version": SCHEMA_VERSION, "effilm_version": effilm.__version__, "quick": quick,
                      "seed": cfg.seed, "config": cfg.to_dict(), "timings": timings,
-                     "costs": {n: cost_summary(ModelConfig.from_name(n), 2048) for n in REAL_PRESETS}}
+                     "costs": {n: cost_summary(ModelConfig.from_name(n), COST_SEQ_LEN) for n in REAL_PRESETS}}
     w0, c0 = time.perf_counter(), time.process_time()
     with stage("synthesize", timings):
         s = summary["synthesize"] = synthesize(cfg, out_dir / "data")

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -20,23 +19,15 @@ from effilm.demo.config import MODEL_NAMES, DemoConfig
 from effilm.io import atomic_write_json
 
 
-def _val_loss(run_dir: Path) -> dict:
-    last = {}
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "val":
-            last = rec["val_loss"]
-    return last
+def _curves(run_dir: Path) -> tuple[list[dict], dict]:
+    """The training loss curve ``[{step, tokens, stage, loss}]`` and the last validation losses,
+    read by the one metrics reader (:mod:`effilm.reports.metrics`, which keeps a resumed run's
+    latest record of every step)."""
+    from effilm.reports.metrics import read_metrics
 
-
-def loss_curve(run_dir: Path) -> list[dict]:
-    """(step, tokens, stage, loss) of every train record in metrics.jsonl."""
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "train":
-            out.append({k: rec.get(k) for k in ("step", "tokens", "stage", "loss")})
-    return out
+    m = read_metrics(run_dir / "metrics.jsonl")
+    curve = [{k: rec.get(k) for k in ("step", "tokens", "stage", "loss")} for rec in m.train]
+    return curve, (m.val[-1]["val_loss"] if m.val else {})
 
 
 def train_models(cfg: DemoConfig, tok: dict, out: Path, log=print) -> dict:
@@ -61,7 +52,7 @@ def train_models(cfg: DemoConfig, tok: dict, out: Path, log=print) -> dict:
         w0, c0 = time.perf_counter(), time.process_time()
         res = train(rc)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-        curve = loss_curve(run_dir)
+        curve, val_loss = _curves(run_dir)
         results[name] = {
             "run_dir": str(run_dir), "config": str(out / f"{name}.json"), "final_dir": str(res.final_dir),
             "preset": d["model"]["preset"], "steps": res.steps, "tokens": res.tokens,
@@ -69,7 +60,7 @@ def train_models(cfg: DemoConfig, tok: dict, out: Path, log=print) -> dict:
             "total_params": rc.model.num_params(), "active_params": rc.model.num_active_params(),
             "flops_per_token": rc.model.flops_per_token(cfg.seq_len),
             "final_loss": res.final_loss, "first_loss": curve[0]["loss"] if curve else None,
-            "val_loss": _val_loss(run_dir), "loss_curve": curve,
+            "val_loss": val_loss, "loss_curve": curve,
             "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tokens_per_cpu_s": round(res.tokens / max(cpu, 1e-9), 1),
         }
         log(f"  {name}: final loss {res.final_loss:.3f}, val {results[name]['val_loss']}, "

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import socket
 
+import parallel_workers as W
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-import parallel_workers as W
 from effilm.errors import ConfigError
 
 WORLD = 2
@@ -180,12 +180,12 @@ def test_torchrun_launch(tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    here = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    from repo import SRC, SUPPORT
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(here / "parallel_torchrun_script.py"), str(tmp_path)]  # fmt: skip
+           f"--master_port={_free_port()}", str(SUPPORT / "parallel_torchrun_script.py"), str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -17,14 +17,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import repo
 import torch
 from safetensors.torch import load_file
+from train_fixtures import make_data, write_run
 
 from effilm.config.run import load_run_config
 from effilm.train.loop import train
-from train_fixtures import make_data, write_run
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(repo.SRC)
 
 
 def _free_port() -> int:

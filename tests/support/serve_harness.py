@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import httpx
+from repo import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 SRC = str(ROOT / "src")
 SERVED = "tiny"  # the model directory's name, which the server uses as the model id
 MAX_CONTEXT = 256
@@ -25,8 +26,9 @@ MAX_CONTEXT = 256
 
 def make_model_dir(root: Path) -> Path:
     """A tiny dense model plus a real BPE tokenizer (with a chat template), saved as ROOT/tiny."""
-    from effilm.formats.checkpoint import save
     from engine_fixtures import add_tokenizer, make_tokenizer, tiny
+
+    from effilm.formats.checkpoint import save
 
     tok = make_tokenizer(root)
     model = tiny("tiny-dense", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=MAX_CONTEXT)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from repo import SRC
 
 from effilm.cli import main
 from effilm.config.data import TokenizerTrainConfig
@@ -85,7 +86,7 @@ def test_load_does_not_import_transformers(tok_dir):
         f"t = load_tokenizer({str(tok_dir)!r}); assert t.decode(t.encode('hello')) == 'hello'; "
         "print('transformers' in sys.modules)"
     )
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(SRC)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src},
                          check=True)
     assert out.stdout.strip() == "False"

@@ -9,6 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from eval_fixtures import make_mmlu_dir, train_tokenizer  # noqa: E402
+
 from effilm.config.model import ModelConfig  # noqa: E402
 from effilm.eval.scorers import CachedScorer  # noqa: E402
 from effilm.eval.scoring import (  # noqa: E402
@@ -22,7 +24,6 @@ from effilm.eval.scoring import (  # noqa: E402
 )
 from effilm.eval.tasks import load_task  # noqa: E402
 from effilm.models.transformer import build_model  # noqa: E402
-from eval_fixtures import make_mmlu_dir, train_tokenizer  # noqa: E402
 
 SMALL = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=1024, tie_embeddings=False)
 PRESETS = {

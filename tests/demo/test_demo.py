@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from repo import CONFIGS, SCRIPTS
+from repo import SRC as SRC_DIR
 
 from effilm.demo.config import MODEL_NAMES, DemoConfig
 from effilm.demo.notes import build_notes
 from effilm.demo.run import STAGES, missing_modules, run_pipeline
 from effilm.errors import ConfigError
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+SRC = str(SRC_DIR)
+sys.path.insert(0, str(SCRIPTS))
 import screenshot_report  # noqa: E402
 
 
@@ -296,7 +298,7 @@ def test_full_demo_textbook_cloze_target_over_three_seeds(tmp_path):
 
 
 def test_reference_config_files_match_the_builtin_settings(tmp_path):
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = CONFIGS
     assert DemoConfig.from_toml(root / "demo.toml") == DemoConfig()
     assert DemoConfig.from_toml(root / "demo-quick.toml") == DemoConfig.quick()
     assert DemoConfig.from_toml(root / "demo.toml", {"seed": 4}).seed == 4

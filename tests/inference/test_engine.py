@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_fixtures import add_tokenizer, make_tokenizer, tiny
 
 import effilm
 from effilm.cli import build_parser, main
@@ -11,7 +12,6 @@ from effilm.data.tokenizer import load_tokenizer
 from effilm.errors import ConfigError, EffilmError
 from effilm.inference.engine import Engine, SamplingParams
 from effilm.inference.sampling import LogitsPipeline
-from engine_fixtures import add_tokenizer, make_tokenizer, tiny
 
 PROMPTS = ["the cat sat", "river stone bright garden number seven equals", "a", "blue house tree"]
 # untied embeddings and a wide init, so a random model does not just repeat its last prompt token

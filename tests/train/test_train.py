@@ -12,17 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
+import repo
 import torch
 from safetensors.torch import load_file
+from train_fixtures import make_data, write_run
 
 from effilm.config.reader import parse_value
 from effilm.config.run import OptimConfig, RunConfig, load_run_config
 from effilm.errors import ConfigError, EffilmError
 from effilm.train.loop import TrainingError, train
 from effilm.train.optim import make_schedule, param_groups
-from train_fixtures import make_data, write_run
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(repo.SRC)
 
 
 @pytest.fixture(scope="module")
@@ -320,10 +321,11 @@ def test_cli_errors_are_one_line(data, tmp_path):
 
 
 def test_contamination_precheck_runs_before_training(data, tmp_path):
-    from effilm.config.data import TokenizeConfig
-    from effilm.data.shards import tokenize_files
     from eval_fixtures import make_mmlu_dir
     from train_fixtures import docs, write_jsonl
+
+    from effilm.config.data import TokenizeConfig
+    from effilm.data.shards import tokenize_files
 
     tests, _ = make_mmlu_dir(tmp_path / "quiz", n_test=6)
     leaked = tests[3]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from eval_fixtures import make_mmlu_dir, write_csv
 
 from effilm.errors import ConfigError, EffilmError
 from effilm.eval.tasks import TaskConfig, load_task, parse_spec, subject_from_filename
-from eval_fixtures import make_mmlu_dir, write_csv
 
 
 def test_mmlu_dir_splits_and_subjects(tmp_path):

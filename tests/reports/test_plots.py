@@ -5,6 +5,7 @@ import struct
 
 import pytest
 import torch
+from plot_fixtures import LOG_EVERY, SEQ_LEN, TOKENS_PER_STEP, make_run, skewed_load, train_rec
 
 from effilm.cli import main
 from effilm.config import ModelConfig
@@ -20,7 +21,6 @@ from effilm.reports.metrics import (
     val_series,
 )
 from effilm.reports.plots import PlotConfig, draw_expert_load, ema, plot_compare, plot_runs
-from plot_fixtures import LOG_EVERY, SEQ_LEN, TOKENS_PER_STEP, make_run, skewed_load, train_rec
 
 SMALL = PlotConfig(dpi=40)
 

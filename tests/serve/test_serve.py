@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
-from effilm.cli import main
 from engine_fixtures import WORDS
 from serve_harness import MAX_CONTEXT, SERVED, ServerProcess, make_model_dir, sse_events
+
+from effilm.cli import main
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}

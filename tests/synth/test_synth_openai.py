@@ -8,16 +8,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+import repo
+from fakeserver import FakeOpenAIServer
 
 from effilm.errors import EffilmError
-from effilm.synth.fakeserver import FakeOpenAIServer
 from effilm.synth.recipe import load_recipe
 from effilm.synth.runner import Run, read_records
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(repo.SRC)
 
 
 def recipe_for(server, records=4, shard_size=100, budget=None, **openai):

@@ -5,19 +5,19 @@ import html.parser
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from plot_fixtures import make_run
+from repo import REPO
 
 from effilm.config import ModelConfig
 from effilm.errors import ConfigError, EffilmError
 from effilm.reports.markup import format_cell, inline_html, is_quantity, text_html
 from effilm.reports.plots import PlotConfig, plot_runs
 from effilm.reports.render import model_cost_table, render_report
-from plot_fixtures import make_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 SCRIPT = ROOT / "scripts" / "screenshot_report.py"
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 

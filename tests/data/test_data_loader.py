@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import tomllib
 import torch
+from train_fixtures import docs as _docs
+from train_fixtures import write_jsonl as _jsonl
 
 from effilm.config.data import DataConfig, SourceConfig, StageConfig, TokenizeConfig, TokenizerTrainConfig
 from effilm.config.reader import build
@@ -16,8 +18,6 @@ from effilm.data.loader import StagedLoader, block_causal_mask, pack_documents
 from effilm.data.shards import TokenDataset, tokenize_files
 from effilm.data.tokenizer import train_tokenizer
 from effilm.errors import ConfigError, EffilmError
-from train_fixtures import docs as _docs
-from train_fixtures import write_jsonl as _jsonl
 
 SEQ = 16
 

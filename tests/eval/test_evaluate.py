@@ -11,11 +11,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import harness_reference as ref  # noqa: E402
+from eval_fixtures import hf_tokenizer, make_mmlu_dir, tiny_llama, train_tokenizer  # noqa: E402
+
 from effilm.eval.report import aggregate, format_table, mean_stderr, run_evaluation  # noqa: E402
 from effilm.eval.scorers import BatchScorer, Group  # noqa: E402
 from effilm.eval.scoring import EvalConfig, TokenizerAdapter, encode_pair, score_task  # noqa: E402
 from effilm.eval.tasks import load_task  # noqa: E402
-from eval_fixtures import hf_tokenizer, make_mmlu_dir, tiny_llama, train_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

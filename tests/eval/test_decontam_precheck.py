@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from eval_fixtures import make_mmlu_dir, train_tokenizer
 
 from effilm.errors import EffilmError
 from effilm.eval.decontam import DecontamConfig
 from effilm.eval.decontam_scan import precheck, source_files
-from eval_fixtures import make_mmlu_dir, train_tokenizer
 
 CFG = DecontamConfig(n=5)
 FILLER = ("The river runs past the old mill and the children walk to school along its bank every morning. "

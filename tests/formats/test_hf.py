@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from hf_models import PHI3_LONG, PHI3_SHORT, build_hf, hf_logits
 
 import effilm
 from effilm.config import ModelConfig
 from effilm.errors import CheckpointError, ConfigError
 from effilm.formats.hf import config_from_hf, config_to_hf
 from effilm.models.transformer import build_model
-from hf_models import PHI3_LONG, PHI3_SHORT, build_hf, hf_logits
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
