@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results"  # every benchmark writes its JSON here (--out)
+
 
 def main(argv=None) -> int:
     import numpy as np
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--loader-batches", type=int, default=200)
-    ap.add_argument("--out", default="benchmarks/results/bench_data.json")
+    ap.add_argument("--out", default=str(RESULTS / "bench_data.json"), help="results JSON path")
     args = ap.parse_args(argv)
 
     rng = np.random.default_rng(0)

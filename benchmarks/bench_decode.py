@@ -1,6 +1,6 @@
 """Decode speed: effilm's engine against transformers' ``generate`` on the same weights.
 
-    PYTHONPATH=src python benchmarks/bench_decode.py [--quick] [--model DIR ...] [--json PATH]
+    PYTHONPATH=src python benchmarks/bench_decode.py [--quick] [--model DIR ...] [--out PATH]
 
 For each model (by default a tiny Phi-3-style dense model and a tiny Mixtral-style MoE, fp32,
 random weights, exported with ``effilm.save_hf`` so both libraries load the same directory):
@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"  # every benchmark writes its JSON here (--out)
 
 
 def _tiny_models(root: Path, hidden: int, layers: int, vocab: int) -> list[tuple[str, Path]]:
@@ -249,7 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-int8", action="store_true", help="skip the effilm int8 rows of the tiny models")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp rows of the tiny models")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a smoke run)")
-    ap.add_argument("--json", default="benchmarks/results/bench_decode.json", help="where to write results")
+    ap.add_argument("--out", default=str(RESULTS / "bench_decode.json"), help="results JSON path")
     args = ap.parse_args(argv)
     if args.quick:
         args.new_tokens, args.repeats, args.batch_sizes = 16, 2, [1, 8]
@@ -273,11 +275,11 @@ def main(argv=None) -> int:
     print_table(rows)
     import transformers
 
-    atomic_write_json(args.json, {"python": sys.version.split()[0], "machine": platform.machine(),
+    atomic_write_json(args.out, {"python": sys.version.split()[0], "machine": platform.machine(),
                                   "torch": torch.__version__, "transformers": transformers.__version__,
                                   "threads": args.threads, "argv": sys.argv[1:], "dtype": "as stored (fp32 for the tiny models; 'effilm int8' is their RTN int8 copy)",
                                   "rows": rows})
-    print(f"wrote {Path(args.json)}")
+    print(f"wrote {Path(args.out)}")
     return 0
 
 

@@ -3,7 +3,7 @@
 Runs ``effilm demo`` (full, or ``--quick``) for each seed, or reads the ``summary.json`` of runs
 already made (``--summaries DIR ...``), then prints a table and writes JSON::
 
-    PYTHONPATH=src python benchmarks/bench_demo.py --seeds 0 1 2 --out-root /tmp/demo_bench
+    PYTHONPATH=src python benchmarks/bench_demo.py --seeds 0 1 2 --runs-dir /tmp/demo_bench
     PYTHONPATH=src python benchmarks/bench_demo.py --summaries /tmp/demo_s0 /tmp/demo_s1 /tmp/demo_s2
 
 Wall time depends on what else the machine runs; CPU time (``time.process_time`` of the demo
@@ -18,6 +18,8 @@ import platform
 import statistics
 from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results"  # every benchmark writes its JSON here (--out)
+
 
 def _summaries(args) -> list[dict]:
     if args.summaries:
@@ -28,7 +30,7 @@ def _summaries(args) -> list[dict]:
     out = []
     for seed in args.seeds:
         cfg = DemoConfig.quick({"seed": seed}) if args.quick else DemoConfig(seed=seed)
-        out.append(run_pipeline(cfg, Path(args.out_root) / f"seed{seed}", quick=args.quick))
+        out.append(run_pipeline(cfg, Path(args.runs_dir) / f"seed{seed}", quick=args.quick))
     return out
 
 
@@ -41,9 +43,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run")
     ap.add_argument("--quick", action="store_true", help="the CI setting instead of the full demo")
-    ap.add_argument("--out-root", default="demo_bench", help="where the runs go")
+    ap.add_argument("--runs-dir", default="demo_bench", help="where the demo runs go")
     ap.add_argument("--summaries", nargs="+", help="read these demo output directories instead of running")
-    ap.add_argument("--json", default="benchmarks/results/bench_demo.json", help="results file")
+    ap.add_argument("--out", default=str(RESULTS / "bench_demo.json"), help="results JSON path")
     args = ap.parse_args()
 
     runs = _summaries(args)
@@ -73,8 +75,8 @@ def main() -> int:
     }
     from effilm.io import atomic_write_json
 
-    atomic_write_json(args.json, result)
-    print(f"\nwrote {args.json}")
+    atomic_write_json(args.out, result)
+    print(f"\nwrote {args.out}")
     return 0
 
 

@@ -20,18 +20,20 @@ import tempfile
 import time
 from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results"  # every benchmark writes its JSON here (--out)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the harness re-statement and the fixtures live with the tests
+sys.path.insert(0, str(ROOT / "tests" / "support"))  # the harness re-statement and the fixtures live with the tests
 
 
 def bench_eval(n_test: int, shots: int, hidden: int, layers: int) -> dict:
     import torch
+    from eval_fixtures import SUBJECTS, hf_tokenizer, make_mmlu_dir, train_tokenizer
+    from harness_reference import evaluate as ref_evaluate
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from effilm.eval.scoring import EvalConfig, score_task
     from effilm.eval.tasks import load_task
-    from eval_fixtures import SUBJECTS, hf_tokenizer, make_mmlu_dir, train_tokenizer
-    from harness_reference import evaluate as ref_evaluate
 
     torch.manual_seed(0)
     tok = train_tokenizer(vocab_size=1000)
@@ -109,7 +111,7 @@ def bench_decontam(corpus_mb: float) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller runs")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_eval.json"))
+    ap.add_argument("--out", default=str(RESULTS / "bench_eval.json"))
     args = ap.parse_args()
     import torch
 

@@ -17,18 +17,20 @@ import tempfile
 import time
 from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results"  # every benchmark writes its JSON here (--out)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the fixtures live with the tests
+sys.path.insert(0, str(ROOT / "tests" / "support"))  # the fixtures live with the tests
 
 
 def run(n_test: int, shots: int, preset: str, threads: int) -> dict:
     import torch
+    from eval_fixtures import SUBJECTS, make_mmlu_dir, train_tokenizer
 
     from effilm.config.model import ModelConfig
     from effilm.eval.scoring import EvalConfig, perplexity, score_task
     from effilm.eval.tasks import load_task
     from effilm.models.transformer import build_model
-    from eval_fixtures import SUBJECTS, make_mmlu_dir, train_tokenizer
 
     torch.set_num_threads(threads)
     tok = train_tokenizer(vocab_size=1000)
@@ -65,7 +67,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer items")
     ap.add_argument("--preset", default="tiny-dense")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_eval_cache.json"))
+    ap.add_argument("--out", default=str(RESULTS / "bench_eval_cache.json"))
     args = ap.parse_args()
     res = run(16 if args.quick else 48, 5, args.preset, args.threads)
     print(f"{res['preset']}, {res['items']} items, {res['shots']}-shot, {res['threads']} thread(s)")

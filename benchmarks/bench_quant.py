@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results"  # every benchmark writes its JSON here (--out)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -76,7 +78,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer training steps and evaluation tokens")
     ap.add_argument("--presets", nargs="+", default=["tiny-dense", "tiny-moe"])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_quant.json"))
+    ap.add_argument("--out", default=str(RESULTS / "bench_quant.json"))
     args = ap.parse_args()
 
     import torch

@@ -23,13 +23,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results"  # every benchmark writes its JSON here (--out)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the server-process and model-directory helpers
+sys.path.insert(0, str(ROOT / "tests" / "support"))  # the server-process and model-directory helpers
 
 
 def burst(srv, n: int, max_tokens: int, served: str) -> dict:
     import httpx
-
     from serve_harness import sse_events
 
     def one(i):
@@ -58,17 +59,18 @@ def burst(srv, n: int, max_tokens: int, served: str) -> dict:
 
 
 def main(argv=None) -> int:
-    from effilm.formats.checkpoint import save
-    from effilm.io import atomic_write_json
     from engine_fixtures import add_tokenizer, make_tokenizer, tiny
     from serve_harness import ServerProcess
+
+    from effilm.formats.checkpoint import save
+    from effilm.io import atomic_write_json
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=16, help="requests sent at once")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
     ap.add_argument("--preset", default="tiny-dense", help="model preset (random weights)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="--max-concurrency values")
-    ap.add_argument("--out", default="benchmarks/results/bench_serve.json")
+    ap.add_argument("--out", default=str(RESULTS / "bench_serve.json"), help="results JSON path")
     args = ap.parse_args(argv)
 
     rows = []

@@ -1,6 +1,6 @@
 """Synthetic-data throughput: procedural records/s, openai-backend concurrency, dedup MB/s.
 
-    PYTHONPATH=src python benchmarks/bench_synth.py [--quick] [--json PATH]
+    PYTHONPATH=src python benchmarks/bench_synth.py [--quick] [--out PATH]
 
 1. ``procedural``: textbook and web-like records per second through the Python API.
 2. ``openai``: the backend against a local server that answers every request after a fixed
@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"  # every benchmark writes its JSON here (--out)
 
 
 def bench_procedural(n: int) -> list[dict]:
@@ -103,7 +105,7 @@ def bench_dedup(n: int) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (about 10 s)")
-    ap.add_argument("--json", default="benchmarks/results/bench_synth.json", help="where to write results")
+    ap.add_argument("--out", default=str(RESULTS / "bench_synth.json"), help="results JSON path")
     args = ap.parse_args(argv)
     n_proc, n_http, n_dedup = (1000, 64, 500) if args.quick else (5000, 192, 3000)
     rows = bench_procedural(n_proc) + bench_openai(n_http, 0.1) + bench_dedup(n_dedup)
@@ -114,9 +116,9 @@ def main(argv=None) -> int:
         print(f"{r['bench']:28s} {r['records']:8d} {r['seconds']:8.2f} {rps} {mbs}")
     from effilm.io import atomic_write_json
 
-    atomic_write_json(args.json, {"python": sys.version.split()[0], "machine": platform.machine(),
+    atomic_write_json(args.out, {"python": sys.version.split()[0], "machine": platform.machine(),
                                   "quick": args.quick, "results": rows})
-    print(f"wrote {Path(args.json)}")
+    print(f"wrote {Path(args.out)}")
     return 0
 
 

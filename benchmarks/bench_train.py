@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+RESULTS = Path(__file__).resolve().parent / "results"  # every benchmark writes its JSON here (--out)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller models and fewer rounds (smoke run)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_train.json"))
+    ap.add_argument("--out", default=str(RESULTS / "bench_train.json"))
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

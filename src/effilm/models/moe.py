@@ -165,8 +165,10 @@ class MoE(nn.Module):
         self.experts_fn = None
 
     def route(self, x_TD: torch.Tensor):
-        # fp32 router: same expert choice whatever the activation dtype
-        logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+        # fp32 router: the same expert choice whatever the activation dtype, also under bf16
+        # autocast (which would otherwise run this matmul in bf16 and pick other experts)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.router.weight.float())
         if self.cfg.router == "sparsemixer":
             topk_w_TK, topk_ids_TK, probs_TE = route_sparsemixer(logits_TE, self.cfg.router_jitter_eps)
         else:
