@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/effilm demo
+	$(VENV)/bin/effilm demo --overwrite
 
 demo-quick: $(STAMP)
-	$(VENV)/bin/effilm demo --quick
+	$(VENV)/bin/effilm demo --quick --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

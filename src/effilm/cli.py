@@ -75,8 +75,12 @@ def _mark_parsers(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     from effilm.config.reader import normalize_flag
 
+    # effilm's own warnings (a stale lock taken over, a smaller vocabulary than asked) as one line each
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, extra = parser.parse_known_args([normalize_flag(a) for a in argv])

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,10 +73,12 @@ def atomic_write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, mark: str | None = None) -> Iterator[Path]:
     """Build a directory under a temporary name, then rename it into place.
 
-    An existing directory at ``path`` is replaced only after the new one is complete.
+    An existing directory at ``path`` is replaced only after the new one is complete (commands
+    check first that they may replace it: :mod:`effilm.outputs`). ``mark`` names the command
+    writing it, recorded inside (``.effilm-output.json``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,10 +86,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         yield tmp
+        if mark:
+            from effilm.outputs import mark as write_mark
+
+            write_mark(tmp, mark)
+        mode = 0o666 & ~_umask()
         for child in tmp.rglob("*"):
             if child.is_file():
                 with open(child, "rb") as fh:
                     os.fsync(fh.fileno())
+                # every file with the user's usual permissions (safetensors writes its files 0600)
+                os.chmod(child, mode)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():
@@ -115,28 +125,76 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def open_text(path: str | os.PathLike):
-    """Open a text file for reading, transparently decompressing ``.gz``."""
+    """Open a text file for reading, transparently decompressing ``.gz`` (prefer :func:`read_lines`
+    and :func:`read_text`, which turn every reading problem into one clear error)."""
     path = str(path)
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, record)`` from a JSONL file (optionally gzipped).
+BOM = b"\xef\xbb\xbf"
 
-    A malformed line raises an error naming the file and the line.
+
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike, lineno: list):
+    """Turn the ways a text file can fail to read into one EffilmError naming the file (and line)."""
+    from effilm.errors import EffilmError
+
+    where = lambda: f"{path}:{lineno[0]}" if lineno[0] else str(path)  # noqa: E731
+    try:
+        yield
+    except IsADirectoryError:
+        raise EffilmError(f"{path}: is a directory, not a file") from None
+    except FileNotFoundError:
+        raise EffilmError(f"{path}: no such file") from None
+    except PermissionError:
+        raise EffilmError(f"{path}: permission denied") from None
+    except UnicodeDecodeError as exc:
+        raise EffilmError(f"{where()}: not valid UTF-8 (byte {exc.object[exc.start:exc.start + 1]!r} at column "
+                          f"{exc.start + 1})") from None  # fmt: skip
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise EffilmError(f"{path}: truncated or corrupt gzip data ({exc})") from None
+    except OSError as exc:
+        raise EffilmError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """``(line_number, line)`` of a UTF-8 text file, ``.gz`` decompressed, a leading BOM dropped,
+    line endings kept. Non-UTF-8 bytes, truncated gzip data, a directory or a missing file are one
+    ``EffilmError`` naming the file (and the line)."""
+    lineno = [0]
+    with _reading(path, lineno):
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            for raw in fh:
+                lineno[0] += 1
+                if lineno[0] == 1 and raw.startswith(BOM):
+                    raw = raw[len(BOM):]
+                yield lineno[0], raw.decode("utf-8")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The whole of a UTF-8 text file (``.gz`` decompressed, a BOM dropped), with the errors of
+    :func:`read_lines`."""
+    return "".join(line for _, line in read_lines(path))
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, record)`` from a JSONL file (optionally gzipped; a BOM is dropped).
+
+    A malformed line raises an error naming the file and the line, as do the reading problems of
+    :func:`read_lines`.
     """
     from effilm.errors import EffilmError
 
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EffilmError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise EffilmError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EffilmError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(rec, dict):
+            raise EffilmError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        yield lineno, rec

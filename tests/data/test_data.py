@@ -159,7 +159,7 @@ def test_failed_run_leaves_no_output_and_keeps_foreign_dirs(tmp_path, tok_dir):
     assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds*"))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(EffilmError, match="not a token dataset; refusing"):
+    with pytest.raises(EffilmError, match="mine: not empty, and not an effilm output; refusing"):
         tokenize_files([tmp_path / "good.jsonl"], tok_dir, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     with pytest.raises(EffilmError, match="input file not found"):

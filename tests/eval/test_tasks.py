@@ -84,7 +84,7 @@ def test_unreadable_and_bad_specs(tmp_path):
         load_task(f"csv:{tmp_path / 'missing.csv'}")
     bad = tmp_path / "x_test.csv"
     bad.write_bytes(b"\xff\xfe\xfa,a,b,c,d,A\n")
-    with pytest.raises(EffilmError, match="x_test.csv: cannot read"):
+    with pytest.raises(EffilmError, match=r"x_test.csv:1: not valid UTF-8"):
         load_task(f"csv:{bad}")
     with pytest.raises(EffilmError, match="did you mean 'mmlu'"):
         parse_spec("mmul:dir")

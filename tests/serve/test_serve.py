@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import socket
@@ -172,13 +173,22 @@ BAD = [
     ("unsupported n", {"model": SERVED, "prompt": "the", "n": 2}, 400, "n"),
     ("unknown model", {"model": "gpt-4", "prompt": "the"}, 404, "model"),
     ("oversized body", {"model": SERVED, "prompt": "x" * 30000}, 413, None),
+    ("json nested very deep", b'{"model": "tiny", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
+    ("json nested past the limit", b'{"model": "tiny", "prompt": "the", "metadata": ' + b"[" * 40 + b"]" * 40 + b"}",
+     400, None),
+    ("integer of thousands of digits", b'{"model": "tiny", "prompt": "the", "seed": ' + b"9" * 5000 + b"}", 400, None),
+    ("lone surrogate in the prompt", b'{"model": "tiny", "prompt": "the \\ud800 end"}', 400, None),
+    ("infinite temperature", b'{"model": "tiny", "prompt": "the", "temperature": Infinity}', 400, None),
+    ("temperature out of float range", b'{"model": "tiny", "prompt": "the", "temperature": 1e999}', 400, None),
+    ("temperature above 2", {"model": SERVED, "prompt": "the", "temperature": 2.5}, 400, "temperature"),
 ]
 
 
 @pytest.mark.parametrize("name,body,status,param", BAD, ids=[b[0] for b in BAD])
 def test_bad_completion_requests_get_openai_errors(server, name, body, status, param):
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
-    r = httpx.post(server.base_url + "/completions", headers=AUTH, timeout=30, **kw)
+    headers = {**AUTH, "Content-Type": "application/json"}
+    r = httpx.post(server.base_url + "/completions", headers=headers, timeout=30, **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
@@ -236,6 +246,61 @@ def _wait_for(pred, timeout_s: float = 20.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def test_requests_with_a_body_must_be_json_and_bad_bodies_log_no_traceback(server):
+    body = json.dumps({"model": SERVED, "prompt": "the", "max_tokens": 2})
+    for ctype, status in ((None, 415), ("text/plain", 415), ("application/x-www-form-urlencoded", 415),
+                          ("application/json; charset=utf-8", 200), ("Application/JSON", 200)):
+        headers = {**AUTH, **({"Content-Type": ctype} if ctype else {})}
+        r = httpx.post(server.base_url + "/completions", content=body.encode(), headers=headers, timeout=60)
+        assert r.status_code == status, (ctype, r.text)
+        if status == 415:
+            assert r.json()["error"]["code"] == "unsupported_media_type"
+    assert "Traceback" not in server.log_path.read_text()  # the bad bodies above (and BAD) were 4xx, not crashes
+
+
+@pytest.fixture(scope="module")
+def timed_server(model_dir):
+    srv = ServerProcess(model_dir, "--header-timeout-s", "1", "--body-timeout-s", "2", "--max-connections", "40")
+    yield srv
+    assert srv.stop() == 0
+
+
+def _closed_within(sock, seconds: float) -> float | None:
+    """Seconds until the server closed ``sock`` (None: still open after ``seconds``)."""
+    sock.settimeout(0.1)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        try:
+            if sock.recv(4096) == b"":
+                return time.monotonic() - t0
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return time.monotonic() - t0
+    return None
+
+
+def test_stalled_connections_are_closed_while_requests_are_served(timed_server):
+    host, port = timed_server.url.removeprefix("http://").split(":")
+    stalled = []
+    for _ in range(20):  # slowloris: half of a request's headers, then nothing
+        s = socket.create_connection((host, int(port)))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        stalled.append(s)
+    body = socket.create_connection((host, int(port)))  # complete headers, a body that never finishes
+    body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"model\": ")
+    r = httpx.post(timed_server.base_url + "/completions", json={"model": SERVED, "prompt": "the", "max_tokens": 3},
+                   timeout=30)  # served while the stalled connections wait
+    assert r.status_code == 200, r.text
+    waits = [_closed_within(s, 4.0) for s in stalled]
+    assert all(w is not None for w in waits), waits  # every one closed: none is held forever
+    assert _closed_within(body, 4.0) is not None
+    for s in [*stalled, body]:
+        s.close()
+    assert httpx.get(timed_server.url + "/health", timeout=5).status_code == 200
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ def cmd_tokenizer_train(args) -> int:
     from effilm.data.tokenizer import load_tokenizer, train_tokenizer
 
     cfg = from_args(TokenizerTrainConfig, args)
-    out = train_tokenizer(args.input, args.out, cfg)
+    out = train_tokenizer(args.input, args.out, cfg, overwrite=args.overwrite)
     tok = load_tokenizer(out)
     print(f"wrote {out}: {tok.vocab_size} tokens, eos={tok.eos_id} pad={tok.pad_id}, sha256 {tok.sha256[:16]}")
     return 0
@@ -34,7 +34,7 @@ def cmd_data_tokenize(args) -> int:
         bars[0].update(docs)
 
     try:
-        m = tokenize_files(args.input, args.tokenizer, args.out, cfg, progress=progress)
+        m = tokenize_files(args.input, args.tokenizer, args.out, cfg, progress=progress, overwrite=args.overwrite)
     finally:
         for bar in bars:
             bar.close()
@@ -63,6 +63,7 @@ def register(sub) -> None:
     t.add_argument("--input", nargs="+", required=True, metavar="FILE",
                    help="input files, directories or glob patterns (.jsonl[.gz], .txt[.gz], .md, .parquet)")
     t.add_argument("--out", required=True, metavar="DIR", help="output tokenizer directory (written atomically)")
+    t.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command at --out")
     add_arguments(t, TokenizerTrainConfig)
     t.set_defaults(func=cmd_tokenizer_train)
     tok.set_defaults(func=lambda a: (tok.print_help(), 2)[1])
@@ -81,6 +82,7 @@ def register(sub) -> None:
     d.add_argument("--tokenizer", required=True, metavar="DIR", help="HF tokenizer directory (tokenizer.json)")
     d.add_argument("--out", required=True, metavar="DIR", help="output dataset directory")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command at --out")
     add_arguments(d, TokenizeConfig)
     d.set_defaults(func=cmd_data_tokenize)
     data.set_defaults(func=lambda a: (data.print_help(), 2)[1])

@@ -57,17 +57,22 @@ def register(sub) -> None:
     d.add_argument("--corpus", nargs="+", required=True, metavar="FILE", help="corpus files or directories")
     d.add_argument("--report", required=True, metavar="R.json", help="where to write the report")
     d.add_argument("--clean-out", metavar="DIR", help="write cleaned shards and <shard>.removed.jsonl here")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier --clean-out of this command")
     add_arguments(d, DecontamConfig, group_title="index and confirmation")
     add_arguments(d, TaskConfig, group_title="benchmark files")
     d.set_defaults(func=cmd_decontam)
 
 
 def _read_json(path: str) -> dict:
+    from effilm.io import read_text
+
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EffilmError(f"{path}: cannot read JSON report ({exc})") from None
+        report = json.loads(read_text(path))  # read_text names the file for non-UTF-8 bytes, a directory...
+    except json.JSONDecodeError as exc:
+        raise EffilmError(f"{path}:{exc.lineno}: not a JSON report ({exc.msg})") from None
+    if not isinstance(report, dict):
+        raise EffilmError(f"{path}: not a JSON report (expected an object)")
+    return report
 
 
 def cmd_eval(args) -> int:
@@ -77,7 +82,9 @@ def cmd_eval(args) -> int:
     from effilm.eval.tasks import TaskConfig, load_task
     from effilm.formats.load import load_model_and_tokenizer
     from effilm.io import atomic_write_json
+    from effilm.outputs import claim_file
 
+    claim_file(args.output, inputs=[args.model, args.corpus_report], what="--output")  # before any work
     cfg = from_args(EvalConfig, args)
     tcfg = from_args(TaskConfig, args)
     tasks = [load_task(spec, tcfg) for spec in args.task]
@@ -91,14 +98,17 @@ def cmd_eval(args) -> int:
 
 
 def cmd_decontam(args) -> int:
+    from effilm.data.inputs import expand_inputs
     from effilm.eval.decontam import DecontamConfig
     from effilm.eval.decontam_scan import find_contamination
     from effilm.eval.tasks import TaskConfig
     from effilm.io import atomic_write_json
+    from effilm.outputs import claim_file
 
     cfg = from_args(DecontamConfig, args)
+    claim_file(args.report, inputs=expand_inputs(args.corpus), what="--report")
     report = find_contamination(args.benchmark, args.corpus, cfg, clean_out=args.clean_out,
-                                task_cfg=from_args(TaskConfig, args))
+                                task_cfg=from_args(TaskConfig, args), overwrite=args.overwrite)
     atomic_write_json(args.report, report)
     print(f"{'benchmark':<40} {'items':>7} {'checked':>8} {'contaminated':>13} {'rejected':>9}")
     for b in report["benchmarks"]:

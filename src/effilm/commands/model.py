@@ -38,6 +38,7 @@ def register(sub) -> None:
     p.add_argument("src", help="source model directory (effilm or HF)")
     p.add_argument("dst", help="destination directory (a .gguf file for --to gguf)")
     add_arguments(p, ConvertConfig)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion at DST")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -56,6 +57,7 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="small data and budgets, for CI (well under a minute)")
     p.add_argument("--config", default=None, metavar="TOML",
                    help="demo config file (every DemoConfig field; see configs/demo.toml and configs/demo-quick.toml)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo output in OUT (`make demo` does)")
     add_arguments(p, DemoConfig, group_title="demo settings (override --config and --quick)")
     p.set_defaults(func=cmd_demo)
 
@@ -119,7 +121,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from effilm.formats.convert import ConvertConfig, convert
 
-    print(convert(args.src, args.dst, from_args(ConvertConfig, args)))
+    print(convert(args.src, args.dst, from_args(ConvertConfig, args), overwrite=args.overwrite))
     return 0
 
 
@@ -127,4 +129,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from effilm.demo.config import DemoConfig
     from effilm.demo.run import run_demo
 
-    return run_demo(args.out, quick=args.quick, config=args.config, overrides=given(args, DemoConfig))
+    return run_demo(args.out, quick=args.quick, config=args.config, overrides=given(args, DemoConfig),
+                    overwrite=args.overwrite)

@@ -24,6 +24,7 @@ def register(sub) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories")
     p.add_argument("--out", default=None,
                    help="output directory (default: RUN_DIR/plots for one run, ./plots for several)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace earlier plots in the output directory")
     add_arguments(p, PlotConfig, group_title="figures")
     p.set_defaults(func=cmd_plot)
 
@@ -31,14 +32,18 @@ def register(sub) -> None:
 def cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from effilm.outputs import claim_dir, mark
     from effilm.reports.plots import PlotConfig, plot_runs
 
     out = args.out or (str(Path(args.run_dirs[0]) / "plots") if len(args.run_dirs) == 1 else "plots")
     cfg = from_args(PlotConfig, args)
+    read = [Path(d) / name for d in args.run_dirs for name in ("metrics.jsonl", "config.json")]
+    claim_dir(out, "plot", sources=read, overwrite=args.overwrite, what="--out")
     notes: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same text comes back in notes, printed once below
         paths = plot_runs(args.run_dirs, out, cfg, notes)
+    mark(out, "plot")
     for note in notes:
         print(f"note: {note}")
     for path in paths:

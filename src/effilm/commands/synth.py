@@ -27,7 +27,7 @@ def cmd_dedup(args) -> int:
     from effilm.data.dedup import DedupConfig, dedup_files
 
     cfg = from_args(DedupConfig, args)
-    report = dedup_files(args.inputs, args.out, args.report, cfg)
+    report = dedup_files(args.inputs, args.out, args.report, cfg, overwrite=args.overwrite)
     print(json.dumps(report["summary"], indent=2))
     return 0
 
@@ -36,7 +36,7 @@ def cmd_filter(args) -> int:
     from effilm.data.filters import FilterConfig, filter_files
 
     cfg = from_args(FilterConfig, args)
-    report = filter_files(args.inputs, args.out, args.report, cfg)
+    report = filter_files(args.inputs, args.out, args.report, cfg, overwrite=args.overwrite)
     print(json.dumps(report["summary"], indent=2))
     return 0
 
@@ -71,6 +71,7 @@ def register(sub) -> None:
     d.add_argument("inputs", nargs="+", help="JSONL / text / parquet files (.gz ok), directories or globs")
     d.add_argument("--out", required=True, help="output directory")
     d.add_argument("--report", required=True, help="report JSON path")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command at --out")
     add_arguments(d, DedupConfig)
     d.set_defaults(func=cmd_dedup)
 
@@ -83,5 +84,6 @@ def register(sub) -> None:
     f.add_argument("inputs", nargs="+", help="JSONL / text / parquet files (.gz ok), directories or globs")
     f.add_argument("--out", required=True, help="output directory")
     f.add_argument("--report", required=True, help="report JSON path")
+    f.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command at --out")
     add_arguments(f, FilterConfig)
     f.set_defaults(func=cmd_filter)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 
 from effilm.config.reader import add_arguments, given, parse_value
 
@@ -20,7 +21,9 @@ def register(sub) -> None:
             "train RUN` the model is sharded with FSDP2 and, for MoE models, its experts spread over the ranks."
         ),
         epilog="Metrics go to OUT_DIR/metrics.jsonl (plot them with `effilm plot OUT_DIR`), checkpoints to "
-        "OUT_DIR/checkpoints/, the trained model to OUT_DIR/final/.",
+        "OUT_DIR/checkpoints/, the trained model to OUT_DIR/final/. One run at a time per OUT_DIR (a lock, "
+        "OUT_DIR/.lock). Exit status: 0 when training finished; 143 (SIGTERM) or 130 (SIGINT) when a signal "
+        "stopped it after writing a checkpoint (continue with --resume); 2 for bad input.",
     )
     p.add_argument("run", metavar="RUN", help="run file (.toml), or a run's config.json")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in out_dir")
@@ -57,6 +60,6 @@ def cmd_train(args) -> int:
         print("trained: " + ", ".join(parts))
         if result.stopped_early:
             print(f"stopped by {result.stopped_early}; checkpoint {result.checkpoint}; continue with --resume")
-        else:
-            print(f"model: {result.final_dir}")
+            return 128 + signal.Signals[result.stopped_early].value  # 143 for SIGTERM: not finished
+        print(f"model: {result.final_dir}")
     return 0

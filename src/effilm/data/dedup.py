@@ -17,11 +17,11 @@ import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from effilm.data.inputs import iter_records
+from effilm.data.inputs import expand_inputs, iter_records
 from effilm.errors import ConfigError, EffilmError
 from effilm.io import atomic_open, atomic_write_json
+from effilm.outputs import claim_dir, claim_file, mark
 
 _PUNCT = re.compile(r"[^\w\s]|_", re.UNICODE)
 _DIGIT = re.compile(r"\d", re.UNICODE)
@@ -123,14 +123,16 @@ def dedup_records(records: Iterable[tuple[str, dict]], cfg: DedupConfig) -> Iter
         yield where, rec, None
 
 
-def dedup_files(inputs, out_dir, report_path, cfg: DedupConfig | None = None) -> dict:
+def dedup_files(inputs, out_dir, report_path, cfg: DedupConfig | None = None, overwrite: bool = False) -> dict:
     """Deduplicate ``inputs`` into ``out_dir`` (kept.jsonl, removed.jsonl); write the report."""
     cfg = cfg or DedupConfig()
-    out = Path(out_dir)
+    files = expand_inputs(inputs)
+    out = claim_dir(out_dir, "dedup", sources=files, overwrite=overwrite)
+    claim_file(report_path, inputs=files, what="--report")
     clusters: dict[str, dict] = {}
     n = kept = exact_n = near_n = nbytes = 0
     with atomic_open(out / "kept.jsonl") as fk, atomic_open(out / "removed.jsonl") as fr:
-        for where, rec, verdict in dedup_records(iter_records(inputs, cfg.text_field), cfg):
+        for where, rec, verdict in dedup_records(iter_records(files, cfg.text_field), cfg):
             n += 1
             nbytes += len(rec[cfg.text_field].encode())
             line = json.dumps(rec, ensure_ascii=False)
@@ -153,5 +155,6 @@ def dedup_files(inputs, out_dir, report_path, cfg: DedupConfig | None = None) ->
         "outputs": {"kept": str(out / "kept.jsonl"), "removed": str(out / "removed.jsonl")},
         "clusters": sorted(clusters.values(), key=lambda c: -len(c["removed"])),
     }
+    mark(out, "dedup")
     atomic_write_json(report_path, report)
     return report

@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from effilm.data.inputs import iter_records
+from effilm.data.inputs import expand_inputs, iter_records
 from effilm.errors import ConfigError
 from effilm.io import atomic_open, atomic_write_json
+from effilm.outputs import claim_dir, claim_file, mark
 
 FILTERS = ("empty", "truncated", "boilerplate", "length", "repetition", "non_alpha")
 DEFAULT_OPENINGS = [
@@ -113,14 +113,16 @@ def apply_filters(records: Iterable[tuple[str, dict]], cfg: FilterConfig) -> Ite
         yield where, rec, check(rec, cfg)
 
 
-def filter_files(inputs, out_dir, report_path, cfg: FilterConfig | None = None) -> dict:
+def filter_files(inputs, out_dir, report_path, cfg: FilterConfig | None = None, overwrite: bool = False) -> dict:
     """Filter ``inputs`` into ``out_dir`` (kept.jsonl, rejects.jsonl) and write the report."""
     cfg = cfg or FilterConfig()
-    out = Path(out_dir)
+    files = expand_inputs(inputs)
+    out = claim_dir(out_dir, "filter", sources=files, overwrite=overwrite)
+    claim_file(report_path, inputs=files, what="--report")
     per = {f: {"rejected": 0, "examples": []} for f in FILTERS}
     n = kept = 0
     with atomic_open(out / "kept.jsonl") as fk, atomic_open(out / "rejects.jsonl") as fr:
-        for where, rec, verdict in apply_filters(iter_records(inputs, cfg.text_field), cfg):
+        for where, rec, verdict in apply_filters(iter_records(files, cfg.text_field), cfg):
             n += 1
             if verdict is None:
                 kept += 1
@@ -137,5 +139,6 @@ def filter_files(inputs, out_dir, report_path, cfg: FilterConfig | None = None) 
                           **{f"rejected_{k}": v["rejected"] for k, v in per.items()}},
               "filters": per, "config": asdict(cfg),
               "outputs": {"kept": str(out / "kept.jsonl"), "rejects": str(out / "rejects.jsonl")}}
+    mark(out, "filter")
     atomic_write_json(report_path, report)
     return report

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from effilm.config.data import TEXT_SPLITS
 from effilm.errors import EffilmError
-from effilm.io import iter_jsonl, open_text
+from effilm.io import iter_jsonl, read_lines, read_text
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -146,26 +146,25 @@ def iter_records(inputs, text_field: str = "text") -> Iterator[tuple[str, dict]]
 
 
 def _iter_text(path: Path, text_split: str) -> Iterator[Document]:
-    with open_text(path) as fh:
-        if text_split == "file":
-            yield Document(path, 1, fh.read())
-            return
-        if text_split == "line":
-            for lineno, line in enumerate(fh, 1):
-                yield Document(path, lineno, line.rstrip("\n"))
-            return
-        block: list[str] = []
-        start = 1
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                if not block:
-                    start = lineno
-                block.append(line)
-            elif block:
-                yield Document(path, start, "".join(block).rstrip("\n"))
-                block = []
-        if block:
+    if text_split == "file":
+        yield Document(path, 1, read_text(path))
+        return
+    if text_split == "line":
+        for lineno, line in read_lines(path):
+            yield Document(path, lineno, line.rstrip("\r\n"))
+        return
+    block: list[str] = []
+    start = 1
+    for lineno, line in read_lines(path):
+        if line.strip():
+            if not block:
+                start = lineno
+            block.append(line)
+        elif block:
             yield Document(path, start, "".join(block).rstrip("\n"))
+            block = []
+    if block:
+        yield Document(path, start, "".join(block).rstrip("\n"))
 
 
 def _iter_parquet(path: Path, text_field: str) -> Iterator[Document]:

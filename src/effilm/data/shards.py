@@ -30,9 +30,11 @@ from effilm.config.data import TokenizeConfig
 from effilm.data.inputs import expand_inputs, iter_file
 from effilm.errors import EffilmError
 from effilm.io import atomic_dir, sha256_file
+from effilm.outputs import claim_dir
 
 FORMAT = "effilm.tokens"
 FORMAT_VERSION = 1
+COMMAND = "data tokenize"  # the marker of its output directories (effilm.outputs)
 # Batches in flight per worker process: bounds memory while keeping workers busy.
 INFLIGHT_PER_WORKER = 4
 
@@ -148,11 +150,14 @@ def _batches(files: list[Path], cfg: TokenizeConfig, stats: list[dict]):
             yield fi, texts
 
 
-def tokenize_files(inputs, tokenizer_dir, out, cfg: TokenizeConfig | None = None, progress=None) -> dict:
+def tokenize_files(inputs, tokenizer_dir, out, cfg: TokenizeConfig | None = None, progress=None,
+                   overwrite: bool = False) -> dict:
     """Tokenize ``inputs`` with the tokenizer in ``tokenizer_dir`` into a dataset at ``out``.
 
     The dataset directory appears atomically, complete with its ``manifest.json``; the output is
-    byte-identical for any ``cfg.workers``. Returns the manifest.
+    byte-identical for any ``cfg.workers``. An earlier dataset at ``out`` is replaced only with
+    ``overwrite``; any other non-empty directory never (:func:`effilm.outputs.claim_dir`).
+    Returns the manifest.
     """
     import numpy as np
 
@@ -160,12 +165,10 @@ def tokenize_files(inputs, tokenizer_dir, out, cfg: TokenizeConfig | None = None
 
     cfg = cfg or TokenizeConfig()
     files = expand_inputs(inputs)
+    out = claim_dir(out, COMMAND, sources=[*files, tokenizer_dir], overwrite=overwrite)
     tok = load_tokenizer(tokenizer_dir)
     if tok.eos_id is None:
         raise EffilmError(f"tokenizer {tokenizer_dir} has no EOS token; documents need one between them")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
-        raise EffilmError(f"{out} exists and is not a token dataset; refusing to replace it")
     dtype = "uint16" if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
     stats = [
         {"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size, "documents": 0, "tokens": 0,
@@ -180,7 +183,7 @@ def tokenize_files(inputs, tokenizer_dir, out, cfg: TokenizeConfig | None = None
         if progress is not None:
             progress(len(lengths), int(lengths.sum()))
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, mark=COMMAND) as tmp:
         writer = _ShardWriter(tmp, cfg.shard_tokens, dtype)
         if cfg.workers == 1:
             for fi, texts in _batches(files, cfg, stats):

@@ -21,6 +21,7 @@ from pathlib import Path
 from effilm.config.data import TokenizerTrainConfig
 from effilm.errors import EffilmError
 from effilm.io import atomic_dir, sha256_file
+from effilm.outputs import claim_dir
 
 # Token names tried, in order, when a tokenizer directory has no tokenizer_config.json entry.
 _EOS_FALLBACKS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
@@ -29,6 +30,7 @@ _PAD_FALLBACKS = ("<|pad|>", "<pad>", "[PAD]")
 
 
 # The files that make a tokenizer directory (effilm's own and HF's), copied beside a model.
+TRAINING_REPORT = "training_report.json"  # what the tokenizer was trained on, and the vocabulary it reached
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -41,8 +43,9 @@ def copy_tokenizer_files(src, dst) -> None:
             shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
-def train_tokenizer(inputs, out, cfg: TokenizerTrainConfig | None = None) -> Path:
-    """Train a byte-level BPE on ``inputs`` (files, directories or globs) and save it to ``out``."""
+def train_tokenizer(inputs, out, cfg: TokenizerTrainConfig | None = None, overwrite: bool = False) -> Path:
+    """Train a byte-level BPE on ``inputs`` (files, directories or globs) and save it to ``out``
+    (an earlier tokenizer there is replaced only with ``overwrite``; see :mod:`effilm.outputs`)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
@@ -50,10 +53,16 @@ def train_tokenizer(inputs, out, cfg: TokenizerTrainConfig | None = None) -> Pat
 
     cfg = cfg or TokenizerTrainConfig()
     files = expand_inputs(inputs)
+    out = claim_dir(out, "tokenizer train", sources=files, overwrite=overwrite)
+
+    seen = {"documents": 0, "chars": 0}
 
     def texts():
         for f in files:
             for doc in iter_file(f, cfg.text_field, cfg.text_split):
+                if doc.text.strip():
+                    seen["documents"] += 1
+                    seen["chars"] += len(doc.text)
                 yield doc.text
 
     tok = HFTokenizer(models.BPE())
@@ -68,8 +77,20 @@ def train_tokenizer(inputs, out, cfg: TokenizerTrainConfig | None = None) -> Pat
         show_progress=False,
     )
     tok.train_from_iterator(texts(), trainer=trainer)
+    if not seen["documents"]:
+        raise EffilmError(f"no text in {len(files)} input file(s) ({', '.join(map(str, files[:3]))}"
+                          f"{' ...' if len(files) > 3 else ''}): nothing to train a tokenizer on")  # fmt: skip
     if tok.get_vocab_size() < 256 + len(cfg.special_tokens()):
         raise EffilmError(f"tokenizer training on {len(files)} file(s) produced too small a vocabulary")
+    reached = tok.get_vocab_size()
+    report = {"requested_vocab_size": cfg.vocab_size, "vocab_size": reached, **seen,
+              "inputs": [str(f) for f in files]}  # fmt: skip
+    if reached < cfg.vocab_size:
+        import warnings
+
+        report["note"] = (f"the text allowed only {reached} tokens of the {cfg.vocab_size} requested (too little "
+                          f"text, or min_frequency={cfg.min_frequency} too high)")  # fmt: skip
+        warnings.warn(f"tokenizer {out}: {report['note']}", stacklevel=2)
 
     out = Path(out)
     special = {
@@ -90,10 +111,11 @@ def train_tokenizer(inputs, out, cfg: TokenizerTrainConfig | None = None) -> Pat
         tok_config["additional_special_tokens"] = cfg.special_tokens()[2:]
     if cfg.chat_template:
         tok_config["chat_template"] = cfg.chat_template
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, mark="tokenizer train") as tmp:
         tok.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n", encoding="utf-8")
         (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+        (tmp / TRAINING_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return out
 
 

@@ -208,20 +208,26 @@ def print_outcome(summary: dict, out_dir: Path) -> None:
     print(f"\nwrote {out_dir / 'summary.json'}")
 
 
-def run_demo(out: str, quick: bool = False, config: str | None = None, overrides=()) -> int:
+def run_demo(out: str, quick: bool = False, config: str | None = None, overrides=(), overwrite: bool = False) -> int:
     """The ``effilm demo`` entry point. Returns 0 when every stage ran and the planted-leak check held.
 
     ``config`` is a demo TOML file (``configs/demo.toml``); otherwise the built-in full or quick
-    setting. ``overrides`` (dotted ``{"seed": 3}``) apply on top."""
-    from effilm.errors import EffilmError
+    setting. ``overrides`` (dotted ``{"seed": 3}``) apply on top. ``out`` must be new, empty, or
+    (with ``overwrite``) an earlier demo output, which is cleared first."""
+    import shutil
+
+    from effilm.outputs import claim_dir, mark
 
     if config:
         cfg = DemoConfig.from_toml(config, overrides)
     else:
         cfg = DemoConfig.quick(overrides) if quick else load(DemoConfig, overrides=overrides)
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EffilmError(f"--out {out}: exists and is not a directory")
+    out_dir = claim_dir(out, "demo", sources=[config], overwrite=overwrite, what="--out")
+    if out_dir.is_dir():  # an earlier demo output (claim_dir allowed it): start from nothing
+        for child in out_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mark(out_dir, "demo")
     summary = run_pipeline(cfg, out_dir, quick=quick)
     print_outcome(summary, out_dir)
     return 0 if summary["clean"]["planted_leak_check"]["exact"] else 1

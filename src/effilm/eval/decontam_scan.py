@@ -18,6 +18,7 @@ from pathlib import Path
 from effilm.data.inputs import expand_inputs, iter_file
 from effilm.errors import EffilmError
 from effilm.eval.decontam import DecontamConfig, NgramIndex, clean_text, items_from_tasks, scan_texts
+from effilm.outputs import claim_dir, mark
 
 _INDEX: NgramIndex | None = None
 
@@ -93,18 +94,22 @@ def scan_shard(path: str, clean_dir: str | None = None, index: NgramIndex | None
 
 
 def find_contamination(benchmarks, corpus, cfg: DecontamConfig | None = None, *,
-                       clean_out: str | os.PathLike | None = None, task_cfg=None) -> dict:
+                       clean_out: str | os.PathLike | None = None, task_cfg=None, overwrite: bool = False) -> dict:
     """Check corpus files against benchmark items; returns the report (JSON-serialisable).
 
     ``benchmarks`` are task SPEC strings or loaded :class:`effilm.eval.tasks.Task` objects;
-    ``cfg.workers`` corpus files are scanned at once.
+    ``cfg.workers`` corpus files are scanned at once. ``clean_out`` (the cleaned copies) is
+    claimed first: never one of the corpus files' folders, and an earlier clean-out is replaced
+    only with ``overwrite`` (:mod:`effilm.outputs`).
     """
     from effilm.eval.tasks import Task, load_task
 
     cfg = cfg or DecontamConfig()
     workers = cfg.workers
-    tasks = [b if isinstance(b, Task) else load_task(b, task_cfg) for b in benchmarks]
     corpus = [str(c) for c in expand_inputs(corpus)]
+    if clean_out:
+        claim_dir(clean_out, "decontam", sources=corpus, overwrite=overwrite, what="--clean-out")
+    tasks = [b if isinstance(b, Task) else load_task(b, task_cfg) for b in benchmarks]
     names = [Path(c).name.removesuffix(".gz") for c in corpus]
     if clean_out and len(set(names)) != len(names):
         raise EffilmError("--clean-out: two corpus files share a name; their cleaned copies would collide")
@@ -114,6 +119,7 @@ def find_contamination(benchmarks, corpus, cfg: DecontamConfig | None = None, *,
     clean_dir = str(clean_out) if clean_out else None
     if clean_dir:
         Path(clean_dir).mkdir(parents=True, exist_ok=True)
+        mark(clean_dir, "decontam")
     if workers > 1 and len(corpus) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from effilm.errors import EffilmError
+from effilm.errors import ConfigError, EffilmError
 
 
 @dataclass
@@ -44,15 +44,25 @@ class Scorer(Protocol):
         ...
 
 
-def model_max_length(model, cfg) -> int:
-    if cfg.max_length:
-        return cfg.max_length
+def model_positions(model) -> int | None:
+    """The context length the model's config names, if it names one."""
     conf = getattr(model, "config", None)
     for name in ("max_position_embeddings", "max_seq_len", "n_positions", "max_seq_length"):
         val = getattr(conf, name, None)
         if isinstance(val, int) and val > 0:
             return val
-    return cfg.default_max_length
+    return None
+
+
+def model_max_length(model, cfg) -> int:
+    """``cfg.max_length`` (refused beyond the model's positions, as ``generate`` refuses it), else
+    the model's own context, else ``cfg.default_max_length``."""
+    limit = model_positions(model)
+    if cfg.max_length:
+        if limit and cfg.max_length > limit:
+            raise ConfigError(f"max_length={cfg.max_length} exceeds the model's {limit} positions; use at most {limit}")
+        return cfg.max_length
+    return limit or cfg.default_max_length
 
 
 class BatchScorer:

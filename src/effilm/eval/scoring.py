@@ -156,9 +156,11 @@ def build_context(task: Task, item: Item, cfg: EvalConfig) -> str:
     shots = []
     if cfg.shots:
         pool = task.dev.get(item.subject, [])
-        if not pool:
-            raise EffilmError(f"task {task.name}: no dev examples for subject {item.subject!r} "
-                              f"(needed for {cfg.shots}-shot); give dev=PATH in the spec or use --shots 0")
+        if len(pool) < cfg.shots:  # never fewer shots than asked without saying so
+            have = f"only {len(pool)}" if pool else "no"
+            raise EffilmError(f"task {task.name}: {have} dev examples for subject {item.subject!r}, but --shots "
+                              f"{cfg.shots} asks for {cfg.shots}; use --shots {len(pool)} or give a larger "
+                              "dev=PATH in the spec")  # fmt: skip
         for ex in pool[: cfg.shots]:
             target = choice_texts(ex, cfg.scoring)[ex.answer]
             shots.append(format_question(ex, cfg.scoring) + cfg.target_delimiter + target)

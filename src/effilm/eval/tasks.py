@@ -134,37 +134,36 @@ def subject_from_filename(path: str | os.PathLike) -> str:
 
 def read_csv(path: str | os.PathLike, cfg: TaskConfig, rows: _Rows) -> list[Item]:
     """A hendrycks CSV: no header; question, one column per choice, answer letter."""
-    from effilm.io import open_text
+    from effilm.io import read_lines
 
     subject = subject_from_filename(path)
     want = cfg.num_choices + 2
     letters = LETTERS[: cfg.num_choices]
     items = []
-    try:
-        with open_text(path) as fh:
-            reader = csv.reader(fh)
-            start = 1
-            while True:
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as exc:
-                    raise EffilmError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
-                src = f"{path}:{start}"
-                start = reader.line_num + 1
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if len(row) != want:
-                    rows.bad(src, f"expected {want} columns (question, {cfg.num_choices} choices, answer), got {len(row)}")
-                    continue
-                letter = row[-1].strip().upper()
-                if len(letter) != 1 or letter not in letters:
-                    rows.bad(src, f"answer {row[-1]!r} is not one of {', '.join(letters)}")
-                    continue
-                items.append(Item(row[0], list(row[1:-1]), letters.index(letter), subject, src))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EffilmError(f"{path}: cannot read ({exc})") from None
+    reader = csv.reader(line for _, line in read_lines(path))  # UTF-8, gzip and BOM handled there
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise EffilmError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+        src = f"{path}:{start}"
+        start = reader.line_num + 1
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != want:
+            rows.bad(src, f"expected {want} columns (question, {cfg.num_choices} choices, answer), got {len(row)}")
+            continue
+        if not row[0].strip():
+            rows.bad(src, "empty question")
+            continue
+        letter = row[-1].strip().upper()
+        if len(letter) != 1 or letter not in letters:
+            rows.bad(src, f"answer {row[-1]!r} is not one of {', '.join(letters)}")
+            continue
+        items.append(Item(row[0], list(row[1:-1]), letters.index(letter), subject, src))
     return items
 
 
@@ -176,6 +175,9 @@ def _record_item(rec: dict, src: str, cfg: TaskConfig, rows: _Rows) -> Item | No
     q, choices, answer = rec["question"], rec["choices"], rec["answer"]
     if not isinstance(q, str):
         rows.bad(src, "field 'question' is not a string")
+        return None
+    if not q.strip():
+        rows.bad(src, "empty question")
         return None
     if not isinstance(choices, list | tuple) or not all(isinstance(c, str) for c in choices):
         rows.bad(src, "field 'choices' is not a list of strings")
@@ -195,13 +197,10 @@ def read_records(path: str | os.PathLike, kind: str, cfg: TaskConfig, rows: _Row
     if kind == "jsonl":
         from effilm.io import iter_jsonl
 
-        try:
-            for lineno, rec in iter_jsonl(path):
-                item = _record_item(rec, f"{path}:{lineno}", cfg, rows)
-                if item:
-                    items.append(item)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise EffilmError(f"{path}: cannot read ({exc})") from None
+        for lineno, rec in iter_jsonl(path):  # UTF-8, gzip and BOM handled there
+            item = _record_item(rec, f"{path}:{lineno}", cfg, rows)
+            if item:
+                items.append(item)
         return items
     try:
         import pyarrow.parquet as pq
@@ -302,18 +301,8 @@ def load_task(spec: str | TaskSpec, cfg: TaskConfig | None = None) -> Task:
 
 
 def read_texts(path: Path) -> list[str]:
-    """Held-out text: JSONL with a ``text`` field per line, or a plain text file (one document)."""
-    from effilm.io import iter_jsonl, open_text
+    """Held-out text, through the one input reader: JSONL with a ``text`` field per line (one
+    document each), parquet, or a plain text file (one document)."""
+    from effilm.data.inputs import iter_file
 
-    try:
-        if path.name.endswith((".jsonl", ".jsonl.gz")):
-            texts = []
-            for lineno, rec in iter_jsonl(path):
-                if not isinstance(rec.get("text"), str):
-                    raise EffilmError(f"{path}:{lineno}: record has no string field 'text'")
-                texts.append(rec["text"])
-            return texts
-        with open_text(path) as fh:
-            return [fh.read()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EffilmError(f"{path}: cannot read ({exc})") from None
+    return [d.text for d in iter_file(path, "text", text_split="file")]

@@ -57,11 +57,11 @@ def write_model_files(directory: Path, state: dict[str, torch.Tensor], cfg: Mode
 
 
 def save(model, path: str | os.PathLike, extra: dict | None = None,
-         tokenizer_dir: str | os.PathLike | None = None) -> Path:
+         tokenizer_dir: str | os.PathLike | None = None, mark: str | None = None) -> Path:
     """Save ``model`` as an effilm checkpoint directory, atomically (temp dir, then rename), with
     the tokenizer files of ``tokenizer_dir`` when given."""
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, mark=mark) as tmp:
         write_checkpoint_files(tmp, model, extra)
         if tokenizer_dir is not None:
             from effilm.data.tokenizer import copy_tokenizer_files

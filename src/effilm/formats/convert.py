@@ -31,15 +31,23 @@ class ConvertConfig:
         choice(self, "convert", "type", GGUF_TYPES)
 
 
-def convert(src, dst, cfg: ConvertConfig) -> str:
-    """Write the model of directory ``src`` to ``dst`` as ``cfg`` says; returns a one-line summary."""
+def convert(src, dst, cfg: ConvertConfig, overwrite: bool = False) -> str:
+    """Write the model of directory ``src`` to ``dst`` as ``cfg`` says; returns a one-line summary.
+
+    ``dst`` is claimed first (:mod:`effilm.outputs`): never ``src`` or anything holding it, and an
+    earlier conversion there is replaced only with ``overwrite``."""
     from effilm.formats.checkpoint import save
     from effilm.formats.gguf import export_gguf, verify_gguf
     from effilm.formats.hf import save_hf
     from effilm.formats.load import load
+    from effilm.outputs import claim_dir, claim_file
 
     src = Path(src)
     tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else src
+    if cfg.to == "gguf":
+        claim_file(dst, inputs=[src, tok_dir], what="DST", replace=overwrite)
+    else:
+        claim_dir(dst, "convert", sources=[src, tok_dir], overwrite=overwrite, what="DST")
     if cfg.to == "gguf":
         if not (tok_dir / "tokenizer.json").is_file():
             raise EffilmError(f"no tokenizer.json in {tok_dir}: pass --tokenizer DIR (GGUF files carry their vocabulary)")
@@ -52,7 +60,7 @@ def convert(src, dst, cfg: ConvertConfig) -> str:
         return msg
     model = load(src)
     if cfg.to == "hf":  # the tokenizer files travel with the weights
-        save_hf(model, dst, arch=cfg.arch, tokenizer_dir=tok_dir)
+        save_hf(model, dst, arch=cfg.arch, tokenizer_dir=tok_dir, mark="convert")
     else:
-        save(model, dst, tokenizer_dir=tok_dir)
+        save(model, dst, tokenizer_dir=tok_dir, mark="convert")
     return f"wrote {dst} ({cfg.to})"

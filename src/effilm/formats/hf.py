@@ -346,7 +346,7 @@ def _first(v):
 
 # ----- public API ------------------------------------------------------------------------------
 def save_hf(model, path: str | os.PathLike, arch: str | None = None, dtype: torch.dtype | None = None,
-            tokenizer_dir: str | os.PathLike | None = None) -> Path:
+            tokenizer_dir: str | os.PathLike | None = None, mark: str | None = None) -> Path:
     """Write a directory that transformers' AutoModelForCausalLM loads (config.json + safetensors),
     with the tokenizer files of ``tokenizer_dir`` when given."""
     from safetensors.torch import save_file
@@ -361,7 +361,7 @@ def save_hf(model, path: str | os.PathLike, arch: str | None = None, dtype: torc
         state = {k: v.to(dtype) for k, v in state.items()}
         hf_cfg["dtype"] = str(dtype).replace("torch.", "")
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, mark=mark) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_cfg.get(k) is not None}

@@ -32,23 +32,28 @@ def text_windows(path, tokenizer, seq_len: int, what: str, limit: int | None = N
 
 
 def quantize_dir(src, out, cfg: QuantConfig, *, tokenizer_dir=None, calib_ids=None, eval_ids=None,
-                 fp_model=None, compare_rtn: bool = True, measure_rss: bool = False) -> dict:
+                 fp_model=None, compare_rtn: bool = True, measure_rss: bool = False, overwrite: bool = False,
+                 sources=()) -> dict:
     """Quantize the model in directory ``src`` as ``cfg`` says and write the checkpoint to ``out``
     (atomically, with the tokenizer files of ``tokenizer_dir``, default ``src``), plus
     ``quant_report.json`` and ``quant_report.txt`` beside it.
 
     ``calib_ids`` (GPTQ's calibration windows) and ``eval_ids`` (held-out windows for perplexity
     and greedy agreement) are ``[N, T]`` token ids. A GPTQ run also reports round-to-nearest on the
-    same settings when ``compare_rtn``. Returns ``{"model", "spec", "reports", "table"}``; the last
-    report is ``cfg``'s."""
+    same settings when ``compare_rtn``. ``out`` is claimed first (:mod:`effilm.outputs`): never
+    ``src`` or anything holding it, and an earlier quantized model is replaced only with
+    ``overwrite``; ``sources`` names further inputs (calibration text) to protect. Returns
+    ``{"model", "spec", "reports", "table"}``; the last report is ``cfg``'s."""
     from effilm.data.tokenizer import copy_tokenizer_files
     from effilm.formats.checkpoint import write_checkpoint_files
     from effilm.formats.load import load
     from effilm.io import atomic_dir, atomic_write_json, atomic_write_text
+    from effilm.outputs import claim_dir
     from effilm.quant.quantize import quantize_model
     from effilm.quant.report import build_report, format_report
 
-    src, out = Path(src), Path(out)
+    src = Path(src)
+    out = claim_dir(out, "quantize", sources=[src, tokenizer_dir, *sources], overwrite=overwrite)
     if cfg.method == "gptq" and calib_ids is None:
         raise EffilmError("method gptq needs calibration text (--calib FILE)")
     torch.manual_seed(0)
@@ -58,7 +63,7 @@ def quantize_dir(src, out, cfg: QuantConfig, *, tokenizer_dir=None, calib_ids=No
     if cfg.method != "rtn" and compare_rtn:  # the baseline, on the same report
         rq, rspec = quantize_model(load(src), dataclasses.replace(cfg, method="rtn"))
         reports.append(build_report(fp, rq, rspec, eval_ids))
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, mark="quantize") as tmp:
         write_checkpoint_files(tmp, q, extra={"quantization": spec})
         copy_tokenizer_files(tokenizer_dir or src, tmp)
     rss = measure_rss and (src / "config.json").is_file()

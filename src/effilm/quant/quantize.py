@@ -14,6 +14,7 @@ from effilm.errors import ConfigError
 from effilm.models.quantized import (
     FULL_PRECISION,
     Codes,
+    QuantExperts,
     QuantLinear,
     check_shape,
     quantized_module,
@@ -52,6 +53,10 @@ def quantize_model(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = Non
     ``calib_ids`` [N, T] token ids are required by GPTQ and ignored by RTN.
     """
     model.eval()
+    done = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))]
+    if done:
+        raise ConfigError(f"the model is already quantized ({len(done)} quantized modules, e.g. {done[0]}); "
+                          "quantize the full-precision model it came from")  # fmt: skip
     targets = target_names(model)
     for name in targets:  # fail on a bad group size before any work
         for w in weights_of(model.get_submodule(name)):

@@ -8,6 +8,7 @@ cannot be served raises ``APIError``, which the server turns into OpenAI's error
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from effilm.errors import ConfigError, EffilmError, closest
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit on the number of stop sequences
+MAX_TEMPERATURE = 2.0  # OpenAI's documented range is [0, 2]
 
 
 class APIError(Exception):
@@ -48,13 +50,52 @@ class GenRequest:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+MAX_JSON_DEPTH = 32  # no request field nests deeper than a few levels
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _depth(value) -> int:
+    """Nesting depth of parsed JSON, without recursion (a deep body must not crash the server)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
 def parse_json(raw: bytes) -> dict:
+    """The request body as a dict. Anything JSON allows but a server must not take is a 400:
+    nesting deeper than ``MAX_JSON_DEPTH``, integers of thousands of digits, NaN and Infinity,
+    numbers out of float range, and strings that are not valid Unicode (lone surrogates)."""
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise bad(f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)", code="invalid_json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a huge int, NaN, 1e999
+        raise bad(f"request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad(f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise bad(f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)", code="invalid_json")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad("request body holds a string that is not valid Unicode (a lone surrogate such as \\ud800)",
+                  code="invalid_json") from None
     return body
 
 
@@ -145,8 +186,9 @@ def _sampling(body: dict, n_prompt: int, max_context: int, default_max_tokens: i
                   f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} in the completion). "
                   f"Please reduce the prompt or '{name}'.", param=name, code="context_length_exceeded")
     temperature = _typed(body, "temperature", float, 1.0)  # OpenAI's default
-    if temperature < 0:
-        raise bad(f"'temperature' must be >= 0, got {temperature}", param="temperature", code="invalid_value")
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise bad(f"'temperature' must be in [0, {MAX_TEMPERATURE:g}], got {temperature}", param="temperature",
+                  code="invalid_value")
     top_p = _typed(body, "top_p", float, 1.0)
     if not 0 < top_p <= 1:
         raise bad(f"'top_p' must be in (0, 1], got {top_p}", param="top_p", code="invalid_value")

@@ -58,13 +58,19 @@ class ServeConfig:
     served_model_name: str = field(default="", metadata={"help": "model id in /v1/models and requests (default: the directory name)"})
     device: str = field(default="auto", metadata={"help": "torch device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1' ..."})
     log_level: str = field(default="info", metadata={"help": f"uvicorn log level, one of {LOG_LEVELS}"})
+    header_timeout_s: float = field(default=10.0, metadata={"help": "a connection must send a request's complete headers within this many seconds of connecting (or of its previous response), else it is closed (slow clients hold no connection forever)"})
+    body_timeout_s: float = field(default=30.0, metadata={"help": "once the headers are in, the whole request body must arrive within this many seconds, else the connection is closed"})
+    max_connections: int = field(default=256, metadata={"help": "open connections at most; beyond that new requests get 503"})
 
     def __post_init__(self):
         if not self.model:
             raise ConfigError("model: a model directory is required")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("max_concurrency", "max_batches", "max_body_bytes", "default_max_tokens"):
+        for name in ("header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_concurrency", "max_batches", "max_body_bytes", "default_max_tokens", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_queue", "batch_wait_ms", "shutdown_timeout_s", "retry_after_s"):
@@ -118,6 +124,11 @@ class APIKeyMiddleware:
 
 
 async def read_body(request, limit: int) -> bytes:
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        # also what keeps a browser's cross-site "simple" POST off a key-less local server
+        raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
+                       code="unsupported_media_type")
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
@@ -300,6 +311,56 @@ async def _cancel_on_disconnect(request, scheduler: Scheduler, ticket) -> None:
 
 
 # ----- running it ---------------------------------------------------------------------------------
+def timed_protocol(header_timeout_s: float, body_timeout_s: float):
+    """uvicorn's h11 protocol with request-read deadlines, which uvicorn does not have: a client
+    must send a request's headers within ``header_timeout_s`` of connecting (or of the previous
+    response on a kept-alive connection), and its body within ``body_timeout_s`` once the headers
+    are in; otherwise the connection is closed. A request already being answered is never cut."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        def _arm(self, seconds: float) -> None:
+            timer = getattr(self, "_read_timer", None)
+            if timer is not None:
+                timer.cancel()
+            self._read_timer = self.loop.call_later(seconds, self._read_timed_out)
+
+        def _read_timed_out(self) -> None:
+            self._read_timer = None
+            if not self.transport.is_closing() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._reading_body = False
+            self._arm(header_timeout_s)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            state = self.conn.their_state
+            if state is h11.SEND_BODY and not self._reading_body:  # the headers are in: the body's turn
+                self._reading_body = True
+                self._arm(body_timeout_s)
+            elif state is not h11.SEND_BODY and state is not h11.IDLE and getattr(self, "_read_timer", None):
+                self._read_timer.cancel()  # the whole request is in
+                self._read_timer = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():  # a kept-alive connection: the next request's deadline
+                self._reading_body = False
+                self._arm(header_timeout_s)
+
+        def connection_lost(self, exc) -> None:
+            timer = getattr(self, "_read_timer", None)
+            if timer is not None:
+                timer.cancel()
+            super().connection_lost(exc)
+
+    return TimedH11Protocol
+
+
 def _bind(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -331,7 +392,9 @@ def serve(cfg: ServeConfig, engine=None, log=print) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     uv = uvicorn.Server(uvicorn.Config(server.app(), log_level=cfg.log_level, lifespan="on",
-                                       timeout_graceful_shutdown=cfg.shutdown_timeout_s))
+                                       timeout_graceful_shutdown=cfg.shutdown_timeout_s,
+                                       http=timed_protocol(cfg.header_timeout_s, cfg.body_timeout_s),
+                                       limit_concurrency=cfg.max_connections))
     log(f"effilm serve: model '{server.name}' on http://{shown}:{port}/v1 "
         f"(max_concurrency {cfg.max_concurrency}, max_queue {cfg.max_queue})")
     sys.stdout.flush()

@@ -28,7 +28,13 @@ from effilm.synth.records import count_tokens, make_record
 
 
 class BudgetExhausted(EffilmError):
-    """The run reached its request or token cap; finished work is kept and a re-run resumes."""
+    """The run reached its request or token cap; finished work is kept and a re-run resumes.
+    ``failing`` is set when the cap stopped the retries of a request that kept failing: then the
+    failure (an unreachable server, say), not the budget, is what the user must fix."""
+
+    def __init__(self, msg: str, failing: bool = False):
+        super().__init__(msg)
+        self.failing = failing
 
 
 class RetryableError(Exception):
@@ -180,7 +186,14 @@ class OpenAIBackend:
         last = "no attempt"
         for attempt in range(self.cfg.max_retries + 1):
             async with self.sem:
-                self.meter.reserve(estimate)
+                try:
+                    self.meter.reserve(estimate)
+                except BudgetExhausted as exc:
+                    if not attempt:
+                        raise
+                    # the cap stopped the retries of a failing request: the failure is the news
+                    raise BudgetExhausted(f"{url}: {last} on every one of {attempt} attempt(s) for {job.id}; the "
+                                          f"retries then stopped at the {exc}", failing=True) from None  # fmt: skip
                 reply = None
                 try:
                     reply = await self._attempt(client, url, body)

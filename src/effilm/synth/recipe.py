@@ -16,6 +16,7 @@ from pathlib import Path
 
 from effilm.config.reader import apply_overrides, build, read_file, tomllib
 from effilm.errors import ConfigError
+from effilm.io import read_text
 from effilm.synth.procedural import ProceduralConfig
 
 BACKENDS = ("procedural", "openai", "local")
@@ -152,7 +153,7 @@ def load_recipe(path: str | Path | None = None, overrides=()) -> Recipe:
         tf = (base / recipe.topics_file) if not Path(recipe.topics_file).is_absolute() else Path(recipe.topics_file)
         if not tf.is_file():
             raise ConfigError(f"{where}: topics_file {tf} does not exist")
-        recipe.topics = recipe.topics + [t.strip() for t in tf.read_text(encoding="utf-8").splitlines() if t.strip()]
+        recipe.topics = recipe.topics + [t.strip() for t in read_text(tf).splitlines() if t.strip()]
     return recipe
 
 

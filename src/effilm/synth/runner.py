@@ -148,11 +148,16 @@ class Run:
 
     # -- running ---------------------------------------------------------------------------
     def run(self, dry_run: bool = False) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
+        from effilm.outputs import claim_dir, mark
+
+        # a new or empty directory, or an earlier synth output (which this run resumes); nothing else
+        claim_dir(self.out, "synth", resumable=True, what="--out")
         m = self.load_manifest()
         todo = self.pending(m)
         if dry_run:
             return self.dry_run(todo)
+        self.out.mkdir(parents=True, exist_ok=True)
+        mark(self.out, "synth")
         summary = {"written_shards": 0, "skipped_shards": sum(len(shard_ranges(s.total, self.recipe.shard_size))
                                                               for s in self.streams) - len(todo)}
         if self.recipe.backend == "procedural":
@@ -216,7 +221,9 @@ class Run:
                 self._record(m, st.name, name, {"start": s, "end": e, **entry}, summary)
         except BudgetExhausted as exc:
             summary["stopped"] = str(exc)
-            self.log(f"stopped: {exc}. Replies received so far are cached; re-run with a larger budget to resume.")
+            hint = ("check the server and the recipe's [openai] settings" if exc.failing
+                    else "re-run with a larger budget to resume")  # fmt: skip
+            self.log(f"stopped: {exc}. Replies received so far are cached; {hint}.")
         finally:
             if self.recipe.backend == "openai":
                 mt = self.meter

@@ -14,6 +14,7 @@ before the first step. Checkpoints hold everything needed to continue bitwise-id
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -258,49 +259,80 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool | None = None) ->
     dist = init_distributed()
     try:
         tr = Trainer.build(cfg, dist)
-        if not resume and tr.checkpoints.existing():
-            raise EffilmError(f"{cfg.out_dir} already holds checkpoints; pass --resume to continue that run, "
-                              "or choose another out_dir")  # fmt: skip
-        pos = (tr.checkpoints.restore(tr.model, tr.optimizer, tr.loader) if resume else None) or Position()
-        _start_log(tr, pos)
-        t = cfg.train
-        val_batches = tr.loader.validation_batches()
-        bar = _progress(tr.total_steps, pos.step, (t.progress if progress is None else progress) and dist.is_main)
-        window, t0, stage = Window(), time.perf_counter(), tr.loader.stage.name if pos.step < tr.total_steps else None
-        window.reset(t0)
-        last_loss, val_loss, ckpt, stopped = None, {}, None, None
-        with _StopFlag() as flag:
-            while pos.step < tr.total_steps:
-                if tr.loader.stage.name != stage:
-                    stage = tr.loader.stage.name
-                    tr.log.write({"kind": "event", "step": pos.step, "tokens": pos.tokens, "event": "stage_start",
-                                  "stage": stage})  # fmt: skip
-                out = train_step(tr, pos)
-                last_loss = out.loss if out.loss == out.loss else last_loss  # nan != nan
-                window.add(out.loss, out.grad_norm, tr.tokens_per_step, out.routing)
-                bar.update(1)
-                if pos.step % t.log_every == 0 or pos.step == tr.total_steps:
-                    _log_window(tr, pos, out, window, bar, t0)
-                if val_batches and ((t.eval_every and pos.step % t.eval_every == 0) or pos.step == tr.total_steps):
-                    val_loss = validate(tr.wrapped, val_batches, tr.device, tr.amp, dist)
-                    tr.log.write({"kind": "val", "step": pos.step, "tokens": pos.tokens, "val_loss": val_loss})
-                stop = flag.signum is not None
-                if (t.save_every and pos.step % t.save_every == 0) or pos.step == tr.total_steps or stop:
-                    elapsed = pos.elapsed_s + time.perf_counter() - t0
-                    ckpt = tr.checkpoints.save(pos, elapsed, tr.model, tr.optimizer, tr.loader) or ckpt
-                if stop:
-                    stopped = signal.Signals(flag.signum).name
-                    tr.log.write({"kind": "event", "step": pos.step, "tokens": pos.tokens, "event": "stop",
-                                  "signal": stopped})  # fmt: skip
-                    break
-        bar.close()
-        final_dir = None if stopped else tr.checkpoints.save_final(tr.model, pos.step, cfg.tokenizer)
-        tr.log.close()
-        return TrainResult(run_dir=Path(cfg.out_dir), steps=pos.step, tokens=pos.tokens, final_loss=last_loss,
-                           val_loss=val_loss, final_dir=final_dir, checkpoint=ckpt, resumed_from=pos.resumed_from,
-                           stopped_early=stopped)  # fmt: skip
+        with _own_run_dir(cfg, dist):
+            return run_loop(tr, resume, progress)
     finally:
         dist.destroy()
+
+
+@contextlib.contextmanager
+def _own_run_dir(cfg: RunConfig, dist: Dist):
+    """Rank 0 claims out_dir (new, empty, or an earlier run's) and locks it for the whole run, for
+    every rank; a second run on the same directory fails at once, naming the holder."""
+    from effilm.outputs import claim_dir
+    from effilm.train.lock import RunLock
+
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            sources = [s.path for s in cfg.data.sources] + [cfg.tokenizer]
+            claim_dir(cfg.out_dir, "train", sources=sources, resumable=True, what="out_dir")
+            lock = RunLock(cfg.out_dir).acquire()
+        except EffilmError as exc:
+            error = exc
+    if dist.all_reduce_float(0.0 if error else 1.0) < dist.world_size:
+        raise error or EffilmError("rank 0 could not take the run directory (its error says why)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_loop(tr: Trainer, resume: bool, progress: bool | None) -> TrainResult:
+    """The run itself, in a claimed and locked run directory."""
+    cfg, dist = tr.cfg, tr.dist
+    if not resume and tr.checkpoints.existing():
+        raise EffilmError(f"{cfg.out_dir} already holds checkpoints; pass --resume to continue that run, "
+                          "or choose another out_dir")  # fmt: skip
+    pos = (tr.checkpoints.restore(tr.model, tr.optimizer, tr.loader) if resume else None) or Position()
+    _start_log(tr, pos)
+    t = cfg.train
+    val_batches = tr.loader.validation_batches()
+    bar = _progress(tr.total_steps, pos.step, (t.progress if progress is None else progress) and dist.is_main)
+    window, t0, stage = Window(), time.perf_counter(), tr.loader.stage.name if pos.step < tr.total_steps else None
+    window.reset(t0)
+    last_loss, val_loss, ckpt, stopped = None, {}, None, None
+    with _StopFlag() as flag:
+        while pos.step < tr.total_steps:
+            if tr.loader.stage.name != stage:
+                stage = tr.loader.stage.name
+                tr.log.write({"kind": "event", "step": pos.step, "tokens": pos.tokens, "event": "stage_start",
+                              "stage": stage})  # fmt: skip
+            out = train_step(tr, pos)
+            last_loss = out.loss if out.loss == out.loss else last_loss  # nan != nan
+            window.add(out.loss, out.grad_norm, tr.tokens_per_step, out.routing)
+            bar.update(1)
+            if pos.step % t.log_every == 0 or pos.step == tr.total_steps:
+                _log_window(tr, pos, out, window, bar, t0)
+            if val_batches and ((t.eval_every and pos.step % t.eval_every == 0) or pos.step == tr.total_steps):
+                val_loss = validate(tr.wrapped, val_batches, tr.device, tr.amp, dist)
+                tr.log.write({"kind": "val", "step": pos.step, "tokens": pos.tokens, "val_loss": val_loss})
+            stop = flag.signum is not None
+            if (t.save_every and pos.step % t.save_every == 0) or pos.step == tr.total_steps or stop:
+                elapsed = pos.elapsed_s + time.perf_counter() - t0
+                ckpt = tr.checkpoints.save(pos, elapsed, tr.model, tr.optimizer, tr.loader) or ckpt
+            if stop:
+                stopped = signal.Signals(flag.signum).name
+                tr.log.write({"kind": "event", "step": pos.step, "tokens": pos.tokens, "event": "stop",
+                              "signal": stopped})  # fmt: skip
+                break
+    bar.close()
+    final_dir = None if stopped else tr.checkpoints.save_final(tr.model, pos.step, cfg.tokenizer)
+    tr.log.close()
+    return TrainResult(run_dir=Path(cfg.out_dir), steps=pos.step, tokens=pos.tokens, final_loss=last_loss,
+                       val_loss=val_loss, final_dir=final_dir, checkpoint=ckpt, resumed_from=pos.resumed_from,
+                       stopped_early=stopped)  # fmt: skip
 
 
 def _start_log(tr: Trainer, pos: Position) -> None:
@@ -313,7 +345,10 @@ def _start_log(tr: Trainer, pos: Position) -> None:
     else:
         tr.log.reset()
     if tr.dist.is_main:
+        from effilm.outputs import mark
+
         Path(tr.cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        mark(tr.cfg.out_dir, "train")
         atomic_write_json(Path(tr.cfg.out_dir) / "config.json", tr.cfg.to_dict())
     if pos.step == 0 and tr.total_steps:
         tr.log.write({"kind": "event", "step": 0, "tokens": 0, "event": "stage_start", "stage": tr.loader.stage.name})
