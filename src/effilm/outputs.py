@@ -59,16 +59,23 @@ def mark(directory: str | os.PathLike, command: str) -> None:
     os.replace(tmp, path)
 
 
-def _check_writable(target: Path, what: str) -> None:
+def _check_writable(target: Path, what: str, shown=None) -> None:
+    """Refuse a destination that cannot be written, by trying: a file created (and removed) in the
+    nearest folder that exists (permission bits alone say nothing for root or a read-only mount)."""
+    import tempfile
+
+    shown = target if shown is None else shown
     probe = target
-    while not probe.exists():
-        if probe.parent == probe:
-            break
+    while not probe.exists() and probe.parent != probe:
         probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise OutputError(f"{what} {target}: {probe} is a file, so nothing can be written below it")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"{what} {target}: {probe} is not writable")
+    if not probe.is_dir():
+        raise OutputError(f"{what} {shown}: {probe} is a file, so nothing can be written below it")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".effilm-write-probe-", dir=probe)
+    except OSError as exc:
+        raise OutputError(f"{what} {shown}: cannot write in {probe} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def _check_sources(out: Path, sources: Iterable, what: str, shown) -> None:
@@ -102,7 +109,7 @@ def claim_dir(out, command: str, sources: Iterable = (), overwrite: bool = False
         if not (overwrite or resumable):
             raise OutputError(f"{what} {shown}: holds an earlier `effilm {command}` output; pass --overwrite to "
                               "replace it")  # fmt: skip
-    _check_writable(path, what)
+    _check_writable(path, what, shown)
     return shown
 
 
@@ -119,7 +126,5 @@ def claim_file(path, inputs: Iterable = (), what: str = "output file", replace: 
             raise OutputError(f"{what} {shown}: it is the input {i}; writing it would destroy it")
     if p.is_dir():
         raise OutputError(f"{what} {shown}: is a directory; give a file path")
-    if p.exists() and not os.access(p, os.W_OK):
-        raise OutputError(f"{what} {shown}: is not writable")
-    _check_writable(p.parent, what)
+    _check_writable(p.parent, what, shown)
     return shown

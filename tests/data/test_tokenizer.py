@@ -127,3 +127,15 @@ def test_bad_inputs(tmp_path):
     assert not (tmp_path / "out").exists()
     assert main(["tokenizer", "train", "--input", str(tmp_path / "missing.jsonl"), "--vocab-size", "300",
                  "--out", str(tmp_path / "o")]) == 2
+
+
+def test_a_smaller_vocabulary_than_asked_is_reported_and_no_text_is_refused(tmp_path, capsys):
+    (tmp_path / "tiny.txt").write_text("ab ab ab ba ba\n")
+    with pytest.warns(UserWarning, match=r"tokenizer .*tok: the text allowed only \d+ tokens of the 5000 requested"):
+        assert main(["tokenizer", "train", "--input", str(tmp_path / "tiny.txt"), "--vocab-size", "5000",
+                     "--out", str(tmp_path / "tok")]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "tok" / "training_report.json").read_text())
+    assert report["requested_vocab_size"] == 5000 and report["vocab_size"] < 5000 and "note" in report
+    (tmp_path / "blank.txt").write_text("\n\n   \n")
+    assert main(["tokenizer", "train", "--input", str(tmp_path / "blank.txt"), "--out", str(tmp_path / "t2")]) == 2
+    assert "no text in 1 input file(s)" in capsys.readouterr().err and not (tmp_path / "t2").exists()

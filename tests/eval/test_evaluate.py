@@ -214,3 +214,34 @@ def test_logits_to_keep_path_equals_full_logits(setup):
         b = score_task(setup["model"], setup["tok"], task, cfg, scorer=full_scorer)
         flat_a = [v for r in a for v in r["loglikelihoods"]]
         assert flat_a == pytest.approx([v for r in b for v in r["loglikelihoods"]], abs=1e-5)
+
+
+def test_shots_and_max_length_beyond_what_exists_are_refused_before_scoring(setup, tmp_path, capsys):
+    from effilm.cli import main
+
+    model_dir = tmp_path / "model"
+    setup["model"].save_pretrained(model_dir)
+    setup["tok"].save(str(model_dir / "tokenizer.json"))
+    spec = f"mmlu:{setup['root']},name=mini"  # 5 dev examples per subject
+    out = tmp_path / "r.json"
+    assert main(["eval", str(model_dir), "--task", spec, "--shots", "6", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "only 5 dev examples for subject" in err and "--shots 6" in err and "use --shots 5" in err
+    positions = setup["model"].config.max_position_embeddings
+    assert main(["eval", str(model_dir), "--task", spec, "--max-length", str(positions + 1), "--output", str(out)]) == 2
+    assert f"max_length={positions + 1} exceeds the model's {positions} positions" in capsys.readouterr().err
+    assert not out.exists()  # nothing written, nothing scored
+    assert main(["eval", str(model_dir), "--task", spec, "--shots", "5", "--max-length", str(positions),
+                 "--output", str(out)]) == 0  # fmt: skip
+
+
+def test_empty_questions_are_skipped_and_reported(tmp_path):
+    rows = [{"question": "   ", "choices": ["a", "b", "c", "d"], "answer": 0},
+            {"question": "Real?", "choices": ["a", "b", "c", "d"], "answer": 1}]  # fmt: skip
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(f"jsonl:{tmp_path / 'q.jsonl'}")
+    assert [it.question for it in task.items] == ["Real?"]
+    assert task.skipped == [{"source": f"{tmp_path / 'q.jsonl'}:1", "reason": "empty question"}]
+    (tmp_path / "s_test.csv").write_text(",1,2,3,4,A\nReal?,1,2,3,4,B\n")
+    task = load_task(f"csv:{tmp_path / 's_test.csv'}")
+    assert len(task.items) == 1 and task.skipped[0]["reason"] == "empty question"

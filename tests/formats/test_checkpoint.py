@@ -80,3 +80,21 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
     effilm.save(build_model(ModelConfig.from_name("tiny-dense", vocab_size=64)), tmp_path / "ck")
     assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_every_written_file_follows_the_umask(tmp_path):
+    import os
+    import stat
+
+    cfg = ModelConfig.from_name("tiny-dense", vocab_size=300, n_layers=1)
+    old = os.umask(0o022)
+    try:
+        effilm.save(build_model(cfg), tmp_path / "ck")
+        effilm.save_hf(build_model(cfg), tmp_path / "hf")
+        os.umask(0o077)
+        effilm.save(build_model(cfg), tmp_path / "private")
+    finally:
+        os.umask(old)
+    for d, want in (("ck", 0o644), ("hf", 0o644), ("private", 0o600)):
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / d).iterdir()}
+        assert modes and all(m == want for m in modes.values()), (d, modes)

@@ -143,3 +143,19 @@ def test_resume_after_a_killed_run_loses_nothing_and_duplicates_nothing(server, 
     paid = server.answered()
     assert len(set(paid)) == n
     assert len(paid) - n <= conc, "only requests in flight at the kill may be paid twice"
+
+
+def test_an_unreachable_server_is_reported_as_such_not_as_the_cap(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = load_recipe(None, {"backend": "openai", "records": 2, "budget": {"max_requests": 3},
+                                "openai": {"base_url": f"http://127.0.0.1:{port}/v1", "concurrency": 1,
+                                           "backoff_base_s": 0.01, "backoff_max_s": 0.02, "timeout_s": 2.0}})
+    logs: list[str] = []
+    summary = Run(recipe, tmp_path / "o", log=logs.append).run()
+    assert "transport error: ConnectError on every one of" in summary["stopped"]
+    assert "request cap reached" in summary["stopped"]  # the cap is still named, after the cause
+    assert any("check the server" in m for m in logs) and not any("larger budget" in m for m in logs)

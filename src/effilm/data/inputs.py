@@ -113,6 +113,8 @@ def iter_file(path: str | os.PathLike, text_field: str = "text", text_split: str
     path = Path(path)
     if text_split not in TEXT_SPLITS:
         raise EffilmError(f"text_split={text_split!r} must be one of {TEXT_SPLITS}")
+    if path.is_dir():
+        raise EffilmError(f"{path}: is a directory, not a file")
     if not path.is_file():
         raise EffilmError(f"input file not found: {path}")
     kind = input_kind(path)
