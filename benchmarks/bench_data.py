@@ -1,7 +1,13 @@
-"""Data pipeline throughput: tokenizer training, tokenizing into shards (1 vs N workers), loader.
+"""Data pipeline throughput: tokenizer training, tokenizing into shards (1 vs N workers), loader;
+and the peak memory of each data command on one very large record.
 
-Usage: PYTHONPATH=src python benchmarks/bench_data.py [--docs 20000] [--out benchmarks/results/bench_data.json]
-Prints a table and writes JSON. The corpus is synthetic (random words), generated in a temp dir.
+Usage: PYTHONPATH=src python benchmarks/bench_data.py [--docs 20000] [--record-mb 50] [--out benchmarks/results/bench_data.json]
+Prints tables and writes JSON. The corpus is synthetic (random words), generated in a temp dir.
+
+Memory: a JSONL file holding one ``--record-mb`` record (and a small one) goes through ``effilm
+dedup``, ``data tokenize``, ``decontam``, ``tokenizer train`` and ``filter``, each in a fresh
+process whose peak resident memory (``VmHWM``) is read when it ends. The target is under 1 GB for
+a 50 MB record (``--record-mb 0`` skips this part).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--loader-batches", type=int, default=200)
+    ap.add_argument("--record-mb", type=float, default=50.0, help="size of the one large record (0: skip)")
     ap.add_argument("--out", default=str(RESULTS / "bench_data.json"), help="results JSON path")
     args = ap.parse_args(argv)
 
@@ -78,14 +85,66 @@ def main(argv=None) -> int:
         dt = time.perf_counter() - t0
         rows.append({"what": f"loader [{args.micro_batch}, {args.seq_len + 1}] batches", "seconds": dt,
                      "rate": args.loader_batches * args.micro_batch * args.seq_len / dt, "unit": "tokens/s"})
+        memory = peak_memory(tmp, tok, args.record_mb, vocab, rng) if args.record_mb > 0 else []
 
     print(f"corpus: {args.docs} docs, {mb:.1f} MB; vocab {args.vocab_size}; {os.cpu_count()} CPUs")
     print(f"{'measure':40s} {'seconds':>9s} {'rate':>14s}")
     for r in rows:
         print(f"{r['what']:40s} {r['seconds']:9.2f} {r['rate']:14,.0f} {r['unit']}")
+    if memory:
+        print(f"\npeak memory on one {args.record_mb:g} MB record (target: under 1 GB each)")
+        print(f"{'command':20s} {'peak RSS':>10s} {'seconds':>8s}")
+        for r in memory:
+            print(f"{r['command']:20s} {r['peak_rss_mb']:8.0f} MB {r['seconds']:8.1f}")
     atomic_write_json(args.out, {"args": vars(args), "corpus_mb": mb, "cpus": os.cpu_count(),
-                                 "python": platform.python_version(), "results": rows})
+                                 "python": platform.python_version(), "results": rows, "memory": memory})
     return 0
+
+
+_PROBE = """
+import sys
+from effilm.cli import main
+rc = main(sys.argv[1:])
+hwm = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+print("PEAK_KB", hwm[0], file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def peak_memory(tmp: Path, tok: Path, record_mb: float, vocab, rng) -> list[dict]:
+    """Peak RSS of each data command on a file holding one ``record_mb`` record."""
+    import subprocess
+    import sys
+
+    big = tmp / "big.jsonl"
+    words = rng.choice(vocab, size=int(record_mb * 1e6 / 5.5))
+    with open(big, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps({"id": "big", "text": " ".join(words)}) + "\n")
+        fh.write(json.dumps({"id": "small", "text": "a small document"}) + "\n")
+    quiz = tmp / "quiz.jsonl"
+    quiz.write_text(json.dumps({"question": "What is the capital of France?", "choices": ["Paris", "Rome", "Oslo",
+                                "Bern"], "answer": 0}) + "\n")  # fmt: skip
+    commands = {
+        "dedup": ["dedup", str(big), "--out", str(tmp / "m-dedup"), "--report", str(tmp / "m-dedup.json")],
+        "data tokenize": ["data", "tokenize", "--input", str(big), "--tokenizer", str(tok), "--out", str(tmp / "m-tok"),
+                          "--quiet"],  # fmt: skip
+        "decontam": ["decontam", "--benchmark", f"jsonl:{quiz}", "--corpus", str(big), "--report",
+                     str(tmp / "m-decontam.json")],  # fmt: skip
+        "tokenizer train": ["tokenizer", "train", "--input", str(big), "--vocab-size", "1024", "--out",
+                            str(tmp / "m-tokenizer")],  # fmt: skip
+        "filter": ["filter", str(big), "--out", str(tmp / "m-filter"), "--report", str(tmp / "m-filter.json")],
+    }
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    out = []
+    for name, argv in commands.items():
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, env=env)
+        dt = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} failed: {proc.stderr[-2000:]}")
+        kb = int(proc.stderr.rsplit("PEAK_KB", 1)[1].split()[0])
+        out.append({"command": name, "peak_rss_mb": kb / 1024, "seconds": dt, "record_mb": big.stat().st_size / 1e6})
+    return out
 
 
 if __name__ == "__main__":

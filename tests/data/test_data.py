@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,35 @@ def test_open_checks_shards(tmp_path, tok_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EffilmError, match="no manifest.json"):
         TokenDataset(tmp_path / "empty")
+
+
+def test_long_documents_are_tokenized_in_pieces_exactly(tmp_path, tok_dir, monkeypatch):
+    import effilm.data.tokenizer as T
+
+    rng = random.Random(5)
+    words = ["river", "stone", "  double", "tab\tword", "end.", "new\nline", "x"]
+    long = " ".join(rng.choice(words) for _ in range(4000))
+    write_jsonl(tmp_path / "long.jsonl", [long, "a short one"])
+    whole = tokenize_files([tmp_path / "long.jsonl"], tok_dir, tmp_path / "whole")
+    monkeypatch.setattr(T, "LONG_TEXT_CHARS", 500)  # the long document now goes in ~50 pieces
+    pieces = tokenize_files([tmp_path / "long.jsonl"], tok_dir, tmp_path / "pieces")
+    a, b = TokenDataset(tmp_path / "whole"), TokenDataset(tmp_path / "pieces")
+    assert whole["tokens"] == pieces["tokens"] and a.num_documents == b.num_documents == 2
+    assert all(np.array_equal(a.document(i), b.document(i)) for i in range(2))
+
+
+def test_a_tokenizer_that_merges_across_spaces_is_refused_for_long_documents(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, trainers
+
+    import effilm.data.tokenizer as T
+
+    hf = HFTokenizer(models.BPE())  # no pre-tokenizer: "ab cd" becomes one token, across its space
+    hf.train_from_iterator(["ab cd  " * 10] * 50, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"]))
+    (tmp_path / "tok").mkdir()
+    hf.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"eos_token": "<eos>"}')
+    write_jsonl(tmp_path / "long.jsonl", ["ab cd  " * 200])  # every cut candidate lies inside an "ab cd"
+    monkeypatch.setattr(T, "LONG_TEXT_CHARS", 100)
+    with pytest.raises(EffilmError, match="merges tokens across spaces.*split such documents"):
+        tokenize_files([tmp_path / "long.jsonl"], tmp_path / "tok", tmp_path / "out")

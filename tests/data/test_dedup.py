@@ -75,3 +75,22 @@ def test_cli_and_clear_errors(planted, tmp_path, capsys):
         dedup_files([bad], tmp_path / "o2", tmp_path / "r2.json")
     assert main(["dedup", str(bad), "--out", str(tmp_path / "o2"), "--report", str(tmp_path / "r2.json")]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_long_records_are_normalized_and_hashed_in_pieces_with_the_same_result(monkeypatch):
+    import random
+
+    import numpy as np
+
+    from effilm.data import dedup as D
+
+    rng = random.Random(3)
+    words = ["Café", "naïve", "x1", "Hello,", "world!", "a", "b", "c", "d-e"]
+    text = " ".join(rng.choice(words) for _ in range(30_000))
+    whole = D._normalize(text)
+    h = D.MinHasher(D.DedupConfig())
+    ref = h._MinHash(num_perm=h.cfg.num_perm, seed=h.cfg.seed, permutations=h.perms, scheme=h.scheme)
+    ref.update_batch(D.shingles(whole, h.cfg.ngram))
+    monkeypatch.setattr(D, "PIECE_CHARS", 1000)  # ~40 pieces
+    assert D.normalize(text) == whole
+    assert np.array_equal(h(whole).hashvalues, ref.hashvalues)

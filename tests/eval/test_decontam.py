@@ -16,6 +16,7 @@ from effilm.eval.decontam import (
     hash_batch,
     items_from_tasks,
     normalize,
+    scan_texts,
 )
 from effilm.eval.decontam_scan import find_contamination
 from effilm.eval.tasks import Item, Task
@@ -198,3 +199,25 @@ def test_cli_decontam(tmp_path, capsys):
     assert "bio" in capsys.readouterr().out
     assert main(["decontam", "--benchmark", f"jsonl:{bench}", "--corpus", str(tmp_path / "nope.jsonl"),
                  "--report", str(tmp_path / "r2.json")]) == 2
+
+
+def test_a_long_document_is_scanned_in_pieces_with_the_same_findings(tmp_path, monkeypatch):
+    import effilm.eval.decontam as D
+
+    task = make_bench()
+    index = NgramIndex(items_from_tasks([task]), DecontamConfig())
+    q1, q4 = task.items[1].question, task.items[4].question
+    body = FILLER * 40 + q1 + " " + FILLER * 40
+    cut = len(body) - len(FILLER * 40) - len(q1) // 2  # where a piece boundary will fall: inside q1
+    text = body + repunctuate(q4) + " " + FILLER * 40 + q1 + " " + FILLER * 10  # q1 twice, far apart
+    (whole,) = scan_texts([text], index)
+    monkeypatch.setattr(D, "LONG_SCAN_CHARS", cut)  # pieces of about that size: one cut falls inside q1
+    monkeypatch.setattr(D, "SCAN_OVERLAP_CHARS", 4000)
+    (pieces,) = scan_texts([text], index)
+    confirmed = lambda found: sorted(m["item"] for m in found if m["confirmed"])  # noqa: E731
+    assert confirmed(pieces) == confirmed(whole) == ["biology/1", "biology/4"]
+    spans = {m["item"]: m["spans"] for m in pieces}
+    assert len(spans["biology/1"]) == 2  # both copies of q1, at their places in the whole text
+    for s, e in spans["biology/1"]:
+        assert normalize(text[s:e]) in normalize(q1)
+    assert {m["item"]: m["spans"] for m in whole}["biology/4"] == spans["biology/4"]

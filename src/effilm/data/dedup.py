@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from effilm.data.inputs import expand_inputs, iter_records
+from effilm.data.inputs import expand_inputs, iter_records, word_boundaries_cut
 from effilm.errors import ConfigError, EffilmError
 from effilm.io import atomic_open, atomic_write_json
 from effilm.outputs import claim_dir, claim_file, mark
@@ -50,8 +50,18 @@ class DedupConfig:
         return self.num_bands * self.rows_per_band
 
 
+PIECE_CHARS = 1 << 18  # long texts are normalized and shingled in pieces of about this many characters
+
+
 def normalize(text: str) -> str:
-    """Lowercase, strip accents, digits to 0, punctuation to space, whitespace folded."""
+    """Lowercase, strip accents, digits to 0, punctuation to space, whitespace folded. A long text
+    is normalized piece by piece (cut before words), so memory stays bounded whatever its size."""
+    if len(text) <= PIECE_CHARS:
+        return _normalize(text)
+    return " ".join(n for _, piece in word_boundaries_cut(text, PIECE_CHARS) if (n := _normalize(piece)))
+
+
+def _normalize(text: str) -> str:
     text = unicodedata.normalize("NFKD", text)
     text = "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
     text = _PUNCT.sub(" ", _DIGIT.sub("0", text))
@@ -82,7 +92,20 @@ class MinHasher:
     def __call__(self, norm: str):
         m = self._MinHash(num_perm=self.cfg.num_perm, seed=self.cfg.seed, permutations=self.perms,
                            scheme=self.scheme)
-        m.update_batch(shingles(norm, self.cfg.ngram))
+        n = self.cfg.ngram
+        if len(norm) <= PIECE_CHARS:
+            m.update_batch(shingles(norm, n))
+            return m
+        # a long text: its shingles in pieces (each piece's words plus the n-1 before it), so that
+        # hashing never holds a [num_perm, all shingles] matrix (7.5 GB for a 50 MB record)
+        tail: list[str] = []
+        for _, piece in word_boundaries_cut(norm, PIECE_CHARS):
+            words = tail + piece.split()
+            if len(words) >= n:
+                m.update_batch([" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)])
+                tail = words[len(words) - (n - 1):] if n > 1 else []
+            else:
+                tail = words
         return m
 
 

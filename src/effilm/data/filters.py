@@ -63,15 +63,19 @@ class FilterConfig:
 
 
 def repeated_fraction(words: list[str], n: int) -> float:
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    if not grams:
+    """The share of word n-grams that repeat an earlier one (n-grams held as hashes: bounded
+    memory for a huge record)."""
+    total = len(words) - n + 1
+    if total <= 0:
         return 0.0
-    return 1.0 - len(set(grams)) / len(grams)
+    seen = {hash(tuple(words[i:i + n])) for i in range(total)}
+    return 1.0 - len(seen) / total
 
 
 def non_alpha_fraction(text: str) -> float:
-    chars = [c for c in text if not c.isspace()]
-    return sum(not c.isalpha() for c in chars) / len(chars) if chars else 0.0
+    """The share of non-space characters that are not letters (counted, not listed)."""
+    nonspace = len(text) - sum(map(str.isspace, text))
+    return (nonspace - sum(map(str.isalpha, text))) / nonspace if nonspace else 0.0
 
 
 def check(rec: dict, cfg: FilterConfig) -> tuple[str, object] | None:

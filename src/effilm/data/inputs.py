@@ -147,6 +147,28 @@ def iter_records(inputs, text_field: str = "text") -> Iterator[tuple[str, dict]]
     return ((d.where, d.as_record(text_field)) for d in iter_inputs(inputs, text_field))
 
 
+def word_boundaries_cut(text: str, max_chars: int) -> Iterator[tuple[int, str]]:
+    """``(start, piece)`` pieces of ``text``, each about ``max_chars`` long at most, cut just before
+    a single space that begins a word (``"... end| word ..."``). Whitespace splitting and byte-level
+    pre-tokenizers see the same words in the pieces as in the whole, so long documents can be
+    processed piece by piece in bounded memory. A stretch with no such space is cut where it must."""
+    n, start = len(text), 0
+    while n - start > max_chars:
+        lo, target = start + max_chars // 2, start + max_chars
+        cut = -1
+        j = text.rfind(" ", lo, target + 1)
+        while j > lo:
+            if not text[j - 1].isspace() and j + 1 < n and not text[j + 1].isspace():
+                cut = j
+                break
+            j = text.rfind(" ", lo, j)
+        if cut < 0:
+            cut = target
+        yield start, text[start:cut]
+        start = cut
+    yield start, text[start:]
+
+
 def _iter_text(path: Path, text_split: str) -> Iterator[Document]:
     if text_split == "file":
         yield Document(path, 1, read_text(path))

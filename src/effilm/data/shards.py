@@ -53,17 +53,32 @@ def _worker_init(tokenizer_dir: str) -> None:
 
 
 def _encode(tok, texts: list[str], eos_id: int, dtype: str):
-    """Encode ``texts``; return the flat ids (EOS after each document) and per-document lengths."""
+    """Encode ``texts``; return the flat ids (EOS after each document) and per-document lengths.
+    Documents longer than ``LONG_TEXT_CHARS`` are encoded piece by piece (bounded memory)."""
     import numpy as np
 
-    ids = tok.encode_batch(texts)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    from effilm.data.tokenizer import LONG_TEXT_CHARS
+
+    short = [t for t in texts if len(t) <= LONG_TEXT_CHARS]
+    encoded = iter(tok.encode_batch(short))
+    parts, lengths = [], []
     joined: list[int] = []
-    for x in ids:  # list.extend runs in C; one numpy conversion at the end
-        joined.extend(x)
-        joined.append(eos_id)
-    flat = np.array(joined, dtype=dtype)
-    return flat, lengths
+    for t in texts:
+        if len(t) <= LONG_TEXT_CHARS:
+            x = next(encoded)
+            joined.extend(x)  # list.extend runs in C; one numpy conversion per run of short documents
+            joined.append(eos_id)
+            lengths.append(len(x) + 1)
+            continue
+        if joined:
+            parts.append(np.array(joined, dtype=dtype))
+            joined = []
+        pieces = tok.encode_pieces(t)
+        parts += [p.astype(dtype) for p in pieces] + [np.array([eos_id], dtype=dtype)]
+        lengths.append(sum(len(p) for p in pieces) + 1)
+    if joined or not parts:
+        parts.append(np.array(joined, dtype=dtype))
+    return np.concatenate(parts), np.array(lengths, dtype=np.int64)
 
 
 def _worker_encode(texts: list[str], eos_id: int, dtype: str):

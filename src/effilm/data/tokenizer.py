@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from effilm.config.data import TokenizerTrainConfig
+from effilm.data.inputs import word_boundaries_cut
 from effilm.errors import EffilmError
 from effilm.io import atomic_dir, sha256_file
 from effilm.outputs import claim_dir
@@ -30,6 +31,8 @@ _PAD_FALLBACKS = ("<|pad|>", "<pad>", "[PAD]")
 
 
 # The files that make a tokenizer directory (effilm's own and HF's), copied beside a model.
+LONG_TEXT_CHARS = 1 << 20  # documents longer than this are encoded and trained on piece by piece
+BOUNDARY_CHECK_CHARS = 256  # characters either side of a cut whose encoding is compared with the joined text
 TRAINING_REPORT = "training_report.json"  # what the tokenizer was trained on, and the vocabulary it reached
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -63,7 +66,8 @@ def train_tokenizer(inputs, out, cfg: TokenizerTrainConfig | None = None, overwr
                 if doc.text.strip():
                     seen["documents"] += 1
                     seen["chars"] += len(doc.text)
-                yield doc.text
+                # a long document in pieces cut before words: the same words counted, in bounded memory
+                yield from (piece for _, piece in word_boundaries_cut(doc.text, LONG_TEXT_CHARS))
 
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -150,6 +154,26 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         fast = getattr(self.backend, "encode_batch_fast", None) or self.backend.encode_batch
         return [e.ids for e in fast(list(texts), add_special_tokens=False)]
+
+    def encode_pieces(self, text: str, piece_chars: int | None = None):
+        """The token ids of a long ``text`` as a list of arrays, encoded piece by piece in bounded
+        memory (one piece's encoding at a time). Each cut is checked to be a token boundary for
+        this tokenizer (the ids around it equal the ids of the joined text); a tokenizer that merges
+        across every candidate cut is an error rather than a silently different encoding."""
+        import numpy as np
+
+        out = []
+        pieces = list(word_boundaries_cut(text, piece_chars or LONG_TEXT_CHARS))
+        for k, (start, piece) in enumerate(pieces):
+            if k:
+                left, right = text[max(0, start - BOUNDARY_CHECK_CHARS):start], piece[:BOUNDARY_CHECK_CHARS]
+                if self.encode(left) + self.encode(right) != self.encode(left + right):
+                    raise EffilmError(
+                        f"{self.path}: this tokenizer merges tokens across spaces, so a document of {len(text):,} "
+                        f"characters cannot be encoded in pieces; split such documents before tokenizing"
+                    )
+            out.append(np.asarray(self.backend.encode(piece, add_special_tokens=False).ids, dtype=np.int64))
+        return out
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

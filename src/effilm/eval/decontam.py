@@ -257,8 +257,51 @@ def _merge(spans: list[tuple[int, int]]) -> list[list[int]]:
     return out
 
 
+LONG_SCAN_CHARS = 1 << 20  # a text longer than this is scanned in overlapping pieces (bounded memory)
+SCAN_OVERLAP_CHARS = 1 << 16  # each piece is scanned with this much of the text before it (n-grams, context)
+
+
 def scan_texts(texts: list[str], index: NgramIndex) -> list[list[dict]]:
-    """Per text, the candidate matches: item, matched spans (char offsets) and confirmation."""
+    """Per text, the candidate matches: item, matched spans (char offsets) and confirmation. Texts
+    longer than ``LONG_SCAN_CHARS`` are scanned piece by piece (see :func:`_scan_long`)."""
+    long = [i for i, t in enumerate(texts) if len(t) > LONG_SCAN_CHARS]
+    if not long:
+        return _scan(texts, index)
+    out: list[list[dict]] = [[] for _ in texts]
+    short = [i for i in range(len(texts)) if i not in set(long)]
+    for i, found in zip(short, _scan([texts[i] for i in short], index) if short else [], strict=True):
+        out[i] = found
+    for i in long:
+        out[i] = _scan_long(texts[i], index)
+    return out
+
+
+def _scan_long(text: str, index: NgramIndex) -> list[dict]:
+    """One long text, scanned in pieces cut before words, each with ``SCAN_OVERLAP_CHARS`` of the
+    text before it (from a word start), so n-grams across a cut and the confirmation context are
+    seen; an item found in several pieces is one match (spans merged, the best score kept)."""
+    from effilm.data.inputs import word_boundaries_cut
+
+    merged: dict[int, dict] = {}
+    for start, piece in word_boundaries_cut(text, LONG_SCAN_CHARS):
+        lo = max(0, start - SCAN_OVERLAP_CHARS)
+        if lo:
+            space = text.find(" ", lo, start)
+            lo = space + 1 if space >= 0 else start
+        for m in _scan([text[lo : start + len(piece)]], index)[0]:
+            spans = [[s + lo, e + lo] for s, e in m["spans"]]
+            prev = merged.get(m["index"])
+            if prev is None:
+                merged[m["index"]] = {**m, "spans": spans}
+                continue
+            prev["spans"] = _merge(prev["spans"] + spans)
+            for key in ("score_question", "score_question_answer", "score"):
+                prev[key] = max(prev[key], m[key])
+            prev["confirmed"] = prev["confirmed"] or m["confirmed"]
+    return [merged[k] for k in sorted(merged)]
+
+
+def _scan(texts: list[str], index: NgramIndex) -> list[list[dict]]:
     cfg = index.cfg
     h = hash_batch(texts, cfg.n)
     per_doc: dict[tuple[int, int], list[tuple[int, int]]] = {}
