@@ -98,6 +98,9 @@ def test_readme_tour_runs_as_written(tmp_path):
     final = tmp_path / "runs/tour/final"
     assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
     assert (tmp_path / "runs/tour/plots/loss.png").is_file()
+    continued = json.loads((tmp_path / "runs/tour-continued/config.json").read_text())
+    assert continued["model"]["init_from"] == str((tmp_path / "runs/tour/final").resolve())
+    assert (tmp_path / "runs/tour-continued/final/tokenizer.json").is_file()  # init_from's own tokenizer
     assert (tmp_path / "eval.json").is_file() and (tmp_path / "tour.gguf").is_file()
     assert (tmp_path / "tour-int4/config.json").is_file() and (tmp_path / "tour-hf/config.json").is_file()
     assert (tmp_path / "runs/tour-moe/final/model.safetensors").is_file()

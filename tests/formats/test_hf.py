@@ -8,8 +8,8 @@ from hf_models import PHI3_LONG, PHI3_SHORT, build_hf, hf_logits
 
 import effilm
 from effilm.config import ModelConfig
+from effilm.config.hf import config_from_hf, config_to_hf
 from effilm.errors import CheckpointError, ConfigError
-from effilm.formats.hf import config_from_hf, config_to_hf
 from effilm.models.transformer import build_model
 
 transformers = pytest.importorskip("transformers")

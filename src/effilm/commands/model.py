@@ -87,8 +87,8 @@ def _config_for(name: str):
     from effilm.config import ModelConfig
 
     if Path(name).is_dir():
+        from effilm.config.hf import config_from_hf
         from effilm.formats.checkpoint import read_config
-        from effilm.formats.hf import config_from_hf
 
         meta = read_config(name)
         if meta.get("format") == "effilm":

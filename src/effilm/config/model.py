@@ -129,6 +129,12 @@ class ModelConfig:
     attention_block_sparse: bool = _f(
         False, "Phi-3-small's block-sparse attention. Informational: effilm runs dense attention in its place."
     )
+    init_from: str | None = _f(
+        None, "Start from the weights in this directory (an effilm checkpoint or a Hugging Face directory that "
+        "effilm.load reads); the architecture comes from it (a run file's [model] table is expanded by "
+        "effilm.config.hf.expand_init_from). Applies at step 0 only: --resume continues from the run's own "
+        "checkpoints.",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):

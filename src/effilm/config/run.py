@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from effilm.config.data import DataConfig
+from effilm.config.hf import expand_init_from
 from effilm.config.model import ModelConfig
 from effilm.config.reader import build, choice, read_file
 from effilm.config.reader import option as _f
@@ -156,6 +157,13 @@ class RunConfig:
     optim: OptimConfig = _f(help="Optimizer and schedule ([optim] table).", factory=OptimConfig)
     train: TrainConfig = _f(help="The loop ([train] table).", factory=TrainConfig)
 
+    @classmethod
+    def __config_expand__(cls, d: dict, where: str = "") -> dict:
+        """``[model] init_from = DIR``: the architecture comes from DIR (see ``expand_init_from``)."""
+        if isinstance(d.get("model"), dict) and d["model"].get("init_from"):
+            d = {**d, "model": expand_init_from(d["model"])}
+        return d
+
     def __post_init__(self) -> None:
         if self.data is None:
             raise ConfigError("the run config needs a [data] table with sources and stages")
@@ -179,8 +187,10 @@ class RunConfig:
         data = dataclasses.replace(
             self.data, sources=[dataclasses.replace(s, path=absolute(s.path)) for s in self.data.sources]
         )
+        model = dataclasses.replace(self.model, init_from=self.model.init_from and absolute(self.model.init_from))
         return dataclasses.replace(
-            self, out_dir=absolute(self.out_dir), tokenizer=self.tokenizer and absolute(self.tokenizer), data=data
+            self, out_dir=absolute(self.out_dir), tokenizer=self.tokenizer and absolute(self.tokenizer), data=data,
+            model=model,
         )
 
     @classmethod

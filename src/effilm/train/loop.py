@@ -26,6 +26,7 @@ import torch
 from effilm.config.run import RunConfig
 from effilm.errors import EffilmError
 from effilm.train.checkpointer import Checkpointer, Position
+from effilm.train.init import load_initial_weights, resolve_init
 from effilm.train.metrics import MetricsLog, Window
 from effilm.train.objectives import MicroLoss, Objective, StepContext, autocast, lm_targets, make_objective
 from effilm.train.parallel import Dist, clip_grad_norm_, init_distributed, parallelize
@@ -177,6 +178,8 @@ class Trainer:
         run_dir = Path(cfg.out_dir)
         total_steps = min(loader.total_steps, cfg.train.max_steps or loader.total_steps)
         model = build_model(cfg.model, device=device, seed=cfg.train.seed)
+        if cfg.model.init_from:  # step 0 starts from these weights (a resume then restores its own)
+            load_initial_weights(model, cfg)
         model.train()
         wrapped = parallelize(model, cfg.train.parallelism, dist)
         wrapped = torch.compile(wrapped) if cfg.train.compile else wrapped
@@ -255,7 +258,7 @@ def _non_finite(tr: Trainer, pos: Position, loss: float, grad_norm: float, stage
 # ----- the loop ----------------------------------------------------------------------------------------
 def train(cfg: RunConfig, resume: bool = False, progress: bool | None = None) -> TrainResult:
     """Train as ``cfg`` says. With ``resume``, continue from the newest valid checkpoint in out_dir."""
-    cfg = cfg.with_absolute_paths()
+    cfg = resolve_init(cfg.with_absolute_paths())
     dist = init_distributed()
     try:
         tr = Trainer.build(cfg, dist)
