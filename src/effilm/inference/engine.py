@@ -170,6 +170,8 @@ class Engine:
         for n, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise EffilmError(f"messages[{n}] must be an object with string 'role' and 'content'")
+        from effilm.data.chat import render_chat
+
         return self.encode(render_chat(template, messages, self.tokenizer))
 
     # ----- generation ----------------------------------------------------------------------------
@@ -317,27 +319,6 @@ class Engine:
 
             return decode_step(self.model, tokens, cache, positions, mask, plan)
         return self.model(tokens[:, None], cache=cache, positions=positions, attention_mask=mask).logits[:, -1]
-
-
-def render_chat(template: str, messages: list[dict], tokenizer=None) -> str:
-    """Render a Jinja chat template the way transformers does (sandboxed, trimmed blocks)."""
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise EffilmError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    names = {}
-    if tokenizer is not None:
-        for key in ("bos", "eos", "pad"):
-            tid = getattr(tokenizer, f"{key}_id", None)
-            names[f"{key}_token"] = tokenizer.decode([tid]) if tid is not None else ""
-    try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **names)
-    except TemplateError as exc:
-        raise EffilmError(f"chat template failed: {exc}") from None
 
 
 def _generation_config_eos(path: Path) -> list[int]:
