@@ -51,10 +51,11 @@ def effilm_step_fn(model, opt, tokens, clip):
     import torch
 
     from effilm.train.objectives import LanguageModeling, StepContext
+    from effilm.train.parallel import Dist
 
     batch = SimpleNamespace(tokens=tokens, doc_ids=None)
     objective = LanguageModeling()
-    ctx = StepContext(torch.device("cpu"), global_count=objective.global_count([batch], 1))
+    ctx = StepContext(torch.device("cpu"), global_count=objective.global_count([batch], Dist()))
 
     def step():
         loss = objective.micro_loss(model, batch, ctx).loss

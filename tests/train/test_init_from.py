@@ -16,6 +16,7 @@ from effilm.errors import ConfigError
 from effilm.models.transformer import build_model
 from effilm.train.init import load_initial_weights, resolve_init
 from effilm.train.objectives import LanguageModeling, StepContext
+from effilm.train.parallel import Dist
 
 DATA = {"sources": [{"name": "web", "path": "web"}], "stages": [{"name": "s", "tokens": 1024, "mixture": {"web": 1}}],
         "seq_len": 32}  # fmt: skip
@@ -39,7 +40,7 @@ def test_step_zero_loss_equals_transformers(tmp_path, kind):
     tokens = torch.randint(0, 97, (3, 33), generator=torch.Generator().manual_seed(1))
     batch = SimpleNamespace(tokens=tokens, doc_ids=None)
     objective = LanguageModeling()
-    count = objective.global_count([batch], 1)
+    count = objective.global_count([batch], Dist())
     with torch.no_grad():
         ours = float(objective.micro_loss(model.eval(), batch, StepContext(torch.device("cpu"), global_count=count)).loss_sum) / count
         theirs = float(hf(input_ids=tokens, labels=tokens).loss)

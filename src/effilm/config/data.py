@@ -95,6 +95,8 @@ class TokenizeConfig:
     shard_tokens: int = _f(1 << 26, "Start a new shard once the current one holds at least this many tokens.")
     workers: int = _f(1, "Tokenizer processes; output is identical for any number.")
     batch_docs: int = _f(512, "Documents encoded per call (and per work item sent to a worker).")
+    chat: bool = _f(False, "Chat data: JSONL records with 'messages' (or 'prompt' and 'completion') rendered by the "
+                    "tokenizer's chat template, with a per-token loss mask (1 on assistant turns) beside the shards.")
 
     def __post_init__(self) -> None:
         _check_pos(self, "tokenize", "shard_tokens", "workers", "batch_docs")
@@ -157,7 +159,8 @@ class DataConfig:
     stages: list[StageConfig] = _f(help="Stages in order; each draws from its mixture until its budget.", factory=list)
     seq_len: int = _f(1024, "Sequence length; each packed row holds seq_len + 1 tokens (inputs and shifted targets).")
     seed: int = _f(0, "Seed for mixture draws, epoch shuffles and the validation split.")
-    doc_ids: bool = _f(False, "Return per-row document ids so the model can mask attention across documents.")
+    doc_ids: bool | None = _f(None, "Return per-row document ids so the model masks attention across documents; "
+                              "None = on for chat data (sources with loss masks), off otherwise.")
 
     def __post_init__(self) -> None:
         self.sources = [build(SourceConfig, s, "data.sources[]") for s in self.sources]

@@ -54,6 +54,7 @@ NAN_POLICIES = ("stop", "skip")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLELISMS = ("auto", "fsdp", "fsdp+ep")
+OBJECTIVES = ("lm", "sft")
 
 
 @dataclass
@@ -100,6 +101,8 @@ class OptimConfig:
 class TrainConfig:
     """The loop: batch sizes, precision, logging, validation, checkpoints, failure handling."""
 
+    objective: str = _f("lm", f"One of {OBJECTIVES}: lm = next-token loss on every token; sft = only on the loss-masked "
+                         "tokens of chat data (assistant turns), normalised by their count in the global batch.")
     global_batch: int = _f(8, "Sequences per optimizer step, over all ranks.")
     micro_batch: int = _f(8, "Sequences per forward pass on one rank; gradient accumulation covers the rest.")
     seed: int = _f(0, "Seed of the model initialisation (the data order has its own, data.seed).")
@@ -144,6 +147,7 @@ class TrainConfig:
         choice(self, "train", "precision", PRECISIONS)
         choice(self, "train", "nan_policy", NAN_POLICIES)
         choice(self, "train", "parallelism", PARALLELISMS)
+        choice(self, "train", "objective", OBJECTIVES)
 
 
 @dataclass

@@ -59,32 +59,41 @@ def _name_key(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 
 
-def pack_documents(docs, seq_len: int, eos_id: int | None = None):
+def pack_documents(docs, seq_len: int, eos_id: int | None = None, masks=None):
     """Pack an iterable of token sequences into rows of ``seq_len + 1`` tokens.
 
     If ``eos_id`` is given it is appended to every document that does not already end in it.
-    Yields ``(tokens, doc_ids)`` numpy int64 / int32 arrays; a last partial row is dropped.
+    Yields ``(tokens, doc_ids)`` numpy int64 / int32 arrays; a last partial row is dropped. With
+    ``masks`` (an iterable of per-document loss masks, aligned with ``docs``), yields
+    ``(tokens, doc_ids, loss_mask)`` with the masks packed the same way (an added EOS gets 0).
     """
     import numpy as np
 
     width = seq_len + 1
     buf_t: list = []
     buf_d: list = []
+    buf_m: list = []
     have, local = 0, 0
+    masks = iter(masks) if masks is not None else None
     for doc in docs:
         doc = np.asarray(doc, dtype=np.int64)
+        mask = np.asarray(next(masks), dtype=np.uint8) if masks is not None else None
         if eos_id is not None and (len(doc) == 0 or doc[-1] != eos_id):
             doc = np.append(doc, eos_id)
+            mask = np.append(mask, 0).astype(np.uint8) if mask is not None else None
         pos = 0
         while pos < len(doc):
             take = min(width - have, len(doc) - pos)
             buf_t.append(doc[pos : pos + take])
             buf_d.append(np.full(take, local, dtype=np.int32))
+            if mask is not None:
+                buf_m.append(mask[pos : pos + take])
             have += take
             pos += take
             if have == width:
-                yield np.concatenate(buf_t), np.concatenate(buf_d)
-                buf_t, buf_d, have = [], [], 0
+                row = (np.concatenate(buf_t), np.concatenate(buf_d))
+                yield (*row, np.concatenate(buf_m)) if masks is not None else row
+                buf_t, buf_d, buf_m, have = [], [], [], 0
                 local = 0
         if have:
             local += 1
@@ -129,11 +138,14 @@ class SourceStream:
         return self._cache[e]
 
     def read(self, start: int, n: int):
-        """Stream tokens ``[start, start + n)`` and their row-local document ids."""
+        """Stream tokens ``[start, start + n)``, their row-local document ids and their loss mask
+        (all ones for a dataset without masks)."""
         import numpy as np
 
         tokens = np.empty(n, dtype=np.int64)
         ids = np.empty(n, dtype=np.int32)
+        mask = np.ones(n, dtype=np.uint8)
+        masked = self.dataset.has_loss_mask
         e, off = divmod(start, self.epoch_tokens)
         pos, local = 0, 0
         while pos < n:
@@ -144,13 +156,15 @@ class SourceStream:
                 begin = off - (int(ends[j]) - len(doc))
                 take = min(len(doc) - begin, n - pos)
                 tokens[pos : pos + take] = doc[begin : begin + take]
+                if masked:
+                    mask[pos : pos + take] = self.dataset.document_mask(int(order[j]))[begin : begin + take]
                 ids[pos : pos + take] = local
                 pos += take
                 off += take
                 local += 1
                 j += 1
             e, off = e + 1, 0
-        return tokens, ids
+        return tokens, ids, mask
 
 
 @dataclass
@@ -167,6 +181,7 @@ class Batch:
     num_micro: int
     stage: str
     sources: list[str]
+    loss_mask: object = None  # uint8 like tokens, 1 where the loss counts; when a source has masks (chat data)
 
 
 STATE_VERSION = 1
@@ -220,6 +235,9 @@ class StagedLoader:
                 f"{model_vocab_size}; token ids would fall outside the embedding table"
             )
         self.source_names = [s.name for s in cfg.sources]
+        self.has_loss_mask = any(d.has_loss_mask for d in datasets.values())
+        # documents are masked from each other by default when the data is chat data
+        self.doc_ids = cfg.doc_ids if cfg.doc_ids is not None else self.has_loss_mask
         self.streams: dict[str, SourceStream] = {}
         self._val_rows: dict[str, tuple] = {}
         for s in cfg.sources:
@@ -258,10 +276,13 @@ class StagedLoader:
                 f"its {ds.num_tokens} tokens for training; lower val_sequences"
             )
         val_docs = order[:k]
-        rows = list(pack_documents((ds.document(int(d)) for d in val_docs), self.cfg.seq_len))[: s.val_sequences]
+        masks = [ds.document_mask(int(d)) for d in val_docs] if ds.has_loss_mask else None
+        rows = list(pack_documents((ds.document(int(d)) for d in val_docs), self.cfg.seq_len, masks=masks))
+        rows = rows[: s.val_sequences]
         tokens = np.stack([r[0] for r in rows])
         ids = np.stack([r[1] for r in rows])
-        return np.sort(order[k:]), (tokens, ids)
+        mask = np.stack([r[2] for r in rows]) if masks is not None else np.ones_like(tokens, dtype=np.uint8)
+        return np.sort(order[k:]), (tokens, ids, mask)
 
     def validation_batches(self, micro_batch: int | None = None) -> dict[str, list[Batch]]:
         """Held-out rows per source (fixed by the seed), this rank's share, in micro-batches.
@@ -283,9 +304,10 @@ class StagedLoader:
                 sel = rows[i : i + mb]
                 batches.append(Batch(
                     tokens=torch.from_numpy(val[0][sel]),
-                    doc_ids=torch.from_numpy(val[1][sel]) if self.cfg.doc_ids else None,
+                    doc_ids=torch.from_numpy(val[1][sel]) if self.doc_ids else None,
                     step=-1, micro=i // mb, num_micro=-(-len(rows) // mb), stage="validation",
                     sources=[name] * len(sel),
+                    loss_mask=torch.from_numpy(val[2][sel]) if self.has_loss_mask else None,
                 ))
             out[name] = batches
         return out
@@ -347,16 +369,18 @@ class StagedLoader:
         lo = self.rank * per_rank + self.micro * self.micro_batch
         tokens = np.empty((self.micro_batch, self.width), dtype=np.int64)
         ids = np.empty((self.micro_batch, self.width), dtype=np.int32)
+        mask = np.empty((self.micro_batch, self.width), dtype=np.uint8)
         names = []
         for i, g in enumerate(range(lo, lo + self.micro_batch)):
             name = self.source_names[int(src[g])]
-            tokens[i], ids[i] = self.streams[name].read(int(q[g]) * self.width, self.width)
+            tokens[i], ids[i], mask[i] = self.streams[name].read(int(q[g]) * self.width, self.width)
             names.append(name)
         batch = Batch(
             tokens=torch.from_numpy(tokens),
-            doc_ids=torch.from_numpy(ids) if self.cfg.doc_ids else None,
+            doc_ids=torch.from_numpy(ids) if self.doc_ids else None,
             step=self.step, micro=self.micro, num_micro=self.num_micro,
             stage=self.cfg.stages[self.stage_index].name, sources=names,
+            loss_mask=torch.from_numpy(mask) if self.has_loss_mask else None,
         )
         self.micro += 1
         if self.micro == self.num_micro:

@@ -88,8 +88,8 @@ def _worker_encode(texts: list[str], eos_id: int, dtype: str):
 class _ShardWriter:
     """Streams token batches into numbered shards inside the dataset's temporary directory."""
 
-    def __init__(self, root: Path, shard_tokens: int, dtype: str):
-        self.root, self.shard_tokens, self.dtype = root, shard_tokens, dtype
+    def __init__(self, root: Path, shard_tokens: int, dtype: str, masks: bool = False):
+        self.root, self.shard_tokens, self.dtype, self.masks = root, shard_tokens, dtype, masks
         self.shards: list[dict] = []
         self._fh = None
 
@@ -98,9 +98,12 @@ class _ShardWriter:
         self._name = f"shard_{n:05d}"
         self._fh = open(self.root / f"{self._name}.bin", "wb")
         self._hash = hashlib.sha256()
+        if self.masks:  # one uint8 per token: 1 where the loss counts (chat data's assistant turns)
+            self._mfh = open(self.root / f"{self._name}.mask.bin", "wb")
+            self._mhash = hashlib.sha256()
         self._starts = [0]
 
-    def add(self, flat, lengths) -> None:
+    def add(self, flat, lengths, mask=None) -> None:
         import numpy as np
 
         pos = 0
@@ -117,6 +120,10 @@ class _ShardWriter:
             data = flat[a:b].tobytes()
             self._fh.write(data)
             self._hash.update(data)
+            if self.masks:
+                mdata = mask[a:b].astype(np.uint8).tobytes()
+                self._mfh.write(mdata)
+                self._mhash.update(mdata)
             for length in lengths[pos : pos + take]:
                 self._starts.append(self._starts[-1] + int(length))
             pos += take
@@ -128,6 +135,10 @@ class _ShardWriter:
 
         self._fh.close()
         self._fh = None
+        extra = {}
+        if self.masks:
+            self._mfh.close()
+            extra = {"mask": f"{self._name}.mask.bin", "mask_sha256": self._mhash.hexdigest()}
         idx = np.asarray(self._starts, dtype=np.int64)
         idx_path = self.root / f"{self._name}.idx.npy"
         np.save(idx_path, idx)
@@ -139,6 +150,7 @@ class _ShardWriter:
                 "tokens": int(idx[-1]),
                 "sha256": self._hash.hexdigest(),
                 "index_sha256": sha256_file(idx_path),
+                **extra,
             }
         )
 
@@ -163,6 +175,32 @@ def _batches(files: list[Path], cfg: TokenizeConfig, stats: list[dict]):
                 texts = []
         if texts:
             yield fi, texts
+
+
+def _chat_batches(files, tok, cfg: TokenizeConfig, stats, dtype: str):
+    """``(file_index, flat ids, lengths, flat mask)`` batches of chat records (JSONL): each
+    conversation rendered by the tokenizer's chat template, then EOS (mask 0)."""
+    import numpy as np
+
+    from effilm.data.chat import conversation, encode_chat
+    from effilm.data.inputs import input_kind
+    from effilm.io import iter_jsonl
+
+    for fi, f in enumerate(files):
+        if input_kind(f) != "jsonl":
+            raise EffilmError(f"{f}: chat data must be JSONL records with 'messages' (or 'prompt' and 'completion')")
+        ids_b, mask_b, lengths = [], [], []
+        for lineno, rec in iter_jsonl(f):
+            where = f"{f}:{lineno}"
+            ids, mask = encode_chat(tok, conversation(rec, where), where)
+            ids_b += [*ids, tok.eos_id]
+            mask_b += [*mask, 0]
+            lengths.append(len(ids) + 1)
+            if len(lengths) == cfg.batch_docs:
+                yield fi, np.array(ids_b, dtype=dtype), np.array(lengths, dtype=np.int64), np.array(mask_b, dtype=np.uint8)
+                ids_b, mask_b, lengths = [], [], []
+        if lengths:
+            yield fi, np.array(ids_b, dtype=dtype), np.array(lengths, dtype=np.int64), np.array(mask_b, dtype=np.uint8)
 
 
 def tokenize_files(inputs, tokenizer_dir, out, cfg: TokenizeConfig | None = None, progress=None,
@@ -199,8 +237,15 @@ def tokenize_files(inputs, tokenizer_dir, out, cfg: TokenizeConfig | None = None
             progress(len(lengths), int(lengths.sum()))
 
     with atomic_dir(out, mark=COMMAND) as tmp:
-        writer = _ShardWriter(tmp, cfg.shard_tokens, dtype)
-        if cfg.workers == 1:
+        writer = _ShardWriter(tmp, cfg.shard_tokens, dtype, masks=cfg.chat)
+        if cfg.chat:  # conversations through the chat template, with the assistant loss mask
+            for fi, flat, lengths, mask in _chat_batches(files, tok, cfg, stats, dtype):
+                stats[fi]["documents"] += len(lengths)
+                stats[fi]["tokens"] += int(lengths.sum())
+                writer.add(flat, lengths, mask)
+                if progress is not None:
+                    progress(len(lengths), int(lengths.sum()))
+        elif cfg.workers == 1:
             for fi, texts in _batches(files, cfg, stats):
                 record(fi, *_encode(tok, texts, tok.eos_id, dtype), writer)
         else:
@@ -232,6 +277,7 @@ def tokenize_files(inputs, tokenizer_dir, out, cfg: TokenizeConfig | None = None
             "tokens": sum(s["tokens"] for s in shards),
             "inputs": stats,
             "shards": shards,
+            "loss_mask": cfg.chat,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
@@ -267,7 +313,8 @@ class TokenDataset:
         self.eos_id = int(m["eos_id"])
         self.vocab_size = int(m["vocab_size"])
         self.tokenizer_sha256 = m["tokenizer"]["sha256"]
-        self._shards = []
+        self.has_loss_mask = bool(m.get("loss_mask"))
+        self._shards, self._masks = [], []
         shard_of, starts, lengths = [], [], []
         for si, s in enumerate(m["shards"]):
             data, index = self.path / s["data"], self.path / s["index"]
@@ -292,6 +339,8 @@ class TokenDataset:
                     or np.any(np.diff(idx) <= 0)):
                 raise EffilmError(f"shard index {index}: document offsets disagree with the manifest")
             self._shards.append(np.memmap(data, dtype=self.dtype, mode="r") if s["tokens"] else None)
+            if self.has_loss_mask:
+                self._masks.append(self._open_mask(s, verify))
             shard_of.append(np.full(len(idx) - 1, si, dtype=np.int32))
             starts.append(idx[:-1])
             lengths.append(np.diff(idx))
@@ -314,9 +363,29 @@ class TokenDataset:
         """One hash over every shard's checksum: changes whenever any token changes."""
         h = hashlib.sha256()
         for s in self.manifest["shards"]:
-            h.update(f"{s['sha256']}:{s['index_sha256']};".encode())
+            mask = f":{s['mask_sha256']}" if "mask_sha256" in s else ""
+            h.update(f"{s['sha256']}:{s['index_sha256']}{mask};".encode())
         return h.hexdigest()
 
     def document(self, i: int):
         s = int(self.doc_start[i])
         return self._shards[int(self.doc_shard[i])][s : s + int(self.doc_lengths[i])]
+
+    def document_mask(self, i: int):
+        """Document ``i``'s loss mask (uint8, 1 where the loss counts), or None without masks."""
+        if not self.has_loss_mask:
+            return None
+        s = int(self.doc_start[i])
+        return self._masks[int(self.doc_shard[i])][s : s + int(self.doc_lengths[i])]
+
+    def _open_mask(self, s: dict, verify: bool):
+        import numpy as np
+
+        f = self.path / s.get("mask", "")
+        if "mask" not in s or not f.is_file():
+            raise EffilmError(f"{self.path}: shard {s['data']} has no loss-mask file (the manifest says it should)")
+        if f.stat().st_size != s["tokens"]:
+            raise EffilmError(f"shard mask {f}: {f.stat().st_size} bytes for {s['tokens']} tokens; truncated or corrupt")
+        if verify and sha256_file(f) != s["mask_sha256"]:
+            raise EffilmError(f"shard mask {f}: sha256 does not match the manifest; re-run `effilm data tokenize --chat`")
+        return np.memmap(f, dtype=np.uint8, mode="r") if s["tokens"] else None

@@ -28,7 +28,15 @@ from effilm.errors import EffilmError
 from effilm.train.checkpointer import Checkpointer, Position
 from effilm.train.init import load_initial_weights, resolve_init
 from effilm.train.metrics import MetricsLog, Window
-from effilm.train.objectives import MicroLoss, Objective, StepContext, autocast, lm_targets, make_objective
+from effilm.train.objectives import (
+    IGNORE,
+    MicroLoss,
+    Objective,
+    StepContext,
+    autocast,
+    lm_targets,
+    make_objective,
+)
 from effilm.train.parallel import Dist, clip_grad_norm_, init_distributed, parallelize
 
 
@@ -88,6 +96,9 @@ def preflight(cfg: RunConfig, rank: int = 0, world_size: int = 1):
                     f"data source {name!r} was tokenized with another tokenizer than {cfg.tokenizer} "
                     "(tokenizer.json sha256 differs); re-tokenize or point `tokenizer` at the right one"
                 )
+    if t.objective == "sft" and not loader.has_loss_mask:
+        raise EffilmError("objective 'sft' needs loss masks: none of the data sources has them (tokenize chat data "
+                          "with `effilm data tokenize --chat`)")  # fmt: skip
     if t.precheck_benchmarks:
         _precheck(cfg)
     return loader
@@ -130,8 +141,8 @@ class _StopFlag:
 
 
 # ----- validation -----------------------------------------------------------------------------------
-def validate(model, val_batches: dict, device, amp, dist) -> dict[str, float]:
-    """Mean next-token loss on each source's held-out rows, over all ranks."""
+def validate(model, val_batches: dict, device, amp, dist, objective=None) -> dict[str, float]:
+    """The objective's mean loss on each source's held-out rows (its counted targets), over all ranks."""
     out = {}
     was_training = model.training
     model.eval()
@@ -139,10 +150,10 @@ def validate(model, val_batches: dict, device, amp, dist) -> dict[str, float]:
         for name, batches in val_batches.items():
             acc = torch.zeros(2, dtype=torch.float64, device=device)
             for b in batches:
-                inputs, targets, doc_ids = lm_targets(b, device)
+                inputs, targets, doc_ids = objective.targets(b, device) if objective else lm_targets(b, device)
                 with autocast(device, amp):
                     ce = model(inputs, doc_ids=doc_ids, targets=targets).ce_sum
-                acc += torch.stack([ce.double(), acc.new_tensor(float(targets.numel()))])
+                acc += torch.stack([ce.double(), acc.new_tensor(float((targets != IGNORE).sum()))])
             acc = dist.all_reduce_sum(acc)
             out[name] = float(acc[0] / acc[1].clamp_min(1))
     model.train(was_training)
@@ -184,7 +195,7 @@ class Trainer:
         wrapped = parallelize(model, cfg.train.parallelism, dist)
         wrapped = torch.compile(wrapped) if cfg.train.compile else wrapped
         return cls(cfg, dist, device, amp, loader, model, wrapped, build_optimizer(wrapped, cfg.optim),
-                   make_schedule(cfg.optim, loader.stage_bounds, total_steps), make_objective("lm"),
+                   make_schedule(cfg.optim, loader.stage_bounds, total_steps), make_objective(cfg.train.objective),
                    MetricsLog(run_dir, enabled=dist.is_main),
                    Checkpointer(run_dir, cfg.to_dict(), cfg.model, cfg.train.keep_last, dist), total_steps)  # fmt: skip
 
@@ -212,7 +223,7 @@ def train_step(tr: Trainer, pos: Position) -> StepOutcome:
     lr = tr.schedule.apply(tr.optimizer, pos.step)
     stage = tr.loader.stage.name
     batches = [next(tr.loader) for _ in range(tr.loader.num_micro)]
-    count = tr.objective.global_count(batches, dist.world_size)
+    count = tr.objective.global_count(batches, dist)
     reduce = dist.all_reduce_sum  # a copy in one process: the same code at any world size
     loss_total, per_micro = torch.zeros((), dtype=torch.float64, device=tr.device), []
     for b in batches:

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 import torch
 
+from effilm.errors import EffilmError
+
 
 @dataclass
 class StepContext:
@@ -50,9 +52,11 @@ class MicroLoss:
 class Objective(Protocol):
     name: str
 
-    def global_count(self, batches: list, world_size: int) -> int: ...
+    def global_count(self, batches: list, dist) -> int: ...
 
     def micro_loss(self, model, batch: Any, ctx: StepContext) -> MicroLoss: ...
+
+    def targets(self, batch: Any, device): ...
 
 
 def autocast(device: torch.device, amp: torch.dtype | None):
@@ -76,14 +80,18 @@ class LanguageModeling:
 
     name = "lm"
 
-    def global_count(self, batches: list, world_size: int) -> int:
+    def targets(self, batch, device):
+        """``(inputs, targets, doc_ids)``; a target of -100 counts for nothing."""
+        return lm_targets(batch, device)
+
+    def global_count(self, batches: list, dist) -> int:
         # every rank holds micro-batches of the same shape, so no collective is needed
-        return sum(b.tokens[:, 1:].numel() for b in batches) * world_size
+        return sum(b.tokens[:, 1:].numel() for b in batches) * dist.world_size
 
     def micro_loss(self, model, batch, ctx: StepContext) -> MicroLoss:
         from effilm.models.moe import load_balancing_loss
 
-        inputs, targets, doc_ids = lm_targets(batch, ctx.device)
+        inputs, targets, doc_ids = self.targets(batch, ctx.device)
         with autocast(ctx.device, ctx.amp):
             # the LM head and the loss in one chunked pass: the [tokens, vocab] logits are never held
             out = model(inputs, doc_ids=doc_ids, targets=targets)
@@ -106,7 +114,30 @@ class LanguageModeling:
         return MicroLoss(loss, ce_sum.detach(), out.routing)
 
 
-OBJECTIVES: dict[str, type] = {"lm": LanguageModeling}
+class SupervisedFineTuning(LanguageModeling):
+    """SFT: cross-entropy over the masked-in targets only (chat data: the assistant turns and their
+    end-of-turn tokens), divided by the count of those targets in the *global* batch (summed over
+    micro-batches and ranks), so any split of the batch gives the same gradient."""
+
+    name = "sft"
+
+    def targets(self, batch, device):
+        inputs, targets, doc_ids = lm_targets(batch, device)
+        if batch.loss_mask is None:
+            raise EffilmError("objective 'sft' needs loss masks: tokenize chat data with `effilm data tokenize --chat`")
+        keep = batch.loss_mask.to(device)[:, 1:].bool()
+        return inputs, targets.masked_fill(~keep, IGNORE), doc_ids
+
+    def global_count(self, batches: list, dist) -> int:
+        local = sum(int(b.loss_mask[:, 1:].sum()) if b.loss_mask is not None else 0 for b in batches)
+        total = int(dist.all_reduce_sum(torch.tensor(float(local), dtype=torch.float64, device=dist.device)))
+        if total == 0:
+            raise EffilmError("objective 'sft': a global batch holds no assistant tokens to learn from")
+        return total
+
+
+IGNORE = -100  # the target index the loss skips
+OBJECTIVES: dict[str, type] = {"lm": LanguageModeling, "sft": SupervisedFineTuning}
 
 
 def make_objective(name: str = "lm") -> Objective:
