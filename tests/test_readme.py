@@ -101,6 +101,9 @@ def test_readme_tour_runs_as_written(tmp_path):
     continued = json.loads((tmp_path / "runs/tour-continued/config.json").read_text())
     assert continued["model"]["init_from"] == str((tmp_path / "runs/tour/final").resolve())
     assert (tmp_path / "runs/tour-continued/final/tokenizer.json").is_file()  # init_from's own tokenizer
+    assert json.loads((tmp_path / "chat_shards/manifest.json").read_text())["loss_mask"]
+    sft = json.loads((tmp_path / "runs/tour-sft/config.json").read_text())
+    assert sft["train"]["objective"] == "sft" and (tmp_path / "runs/tour-sft/final/model.safetensors").is_file()
     assert (tmp_path / "eval.json").is_file() and (tmp_path / "tour.gguf").is_file()
     assert (tmp_path / "tour-int4/config.json").is_file() and (tmp_path / "tour-hf/config.json").is_file()
     assert (tmp_path / "runs/tour-moe/final/model.safetensors").is_file()

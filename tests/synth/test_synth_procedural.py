@@ -80,6 +80,8 @@ def test_no_quiz_item_appears_in_training_text(n):
     """n-gram proof (lowercased, punctuation stripped): no quiz question, nor question + answer."""
     corpus = list(procedural.generate_corpus(1500, N_FACTS, seed=0))
     corpus += list(procedural.generate_web_corpus(1500, N_FACTS, seed=0))
+    corpus += list(procedural.generate_chat(1000, N_FACTS, seed=0))
+    corpus += [{"text": r["text"] + " " + r["chosen"]} for r in procedural.generate_preferences(1000, N_FACTS, seed=0)]
     grams: set[tuple[str, ...]] = set()
     stream = " " + " ".join(" ".join(_words(r["text"])) for r in corpus) + " "
     for r in corpus:
@@ -106,6 +108,34 @@ def test_corpus_teaches_question_answer_form_in_other_phrasings():
             frame = max(re.split(r"\{\w\}", t), key=len).strip()
             assert len(frame.split()) >= 4
             assert frame.lower() not in text.lower(), frame
+
+
+def test_chat_and_preference_records_answer_the_facts():
+    from effilm.data.chat import conversation
+
+    facts = {f.id: f for f in domain_facts.select_facts(N_FACTS, 0)}
+    cfg = procedural.ProceduralConfig(num_facts=N_FACTS, turns_per_chat=3)
+    chats = list(procedural.generate_chat(300, N_FACTS, seed=0, cfg=cfg))
+    assert [r["id"] for r in chats[5:9]] == [r["id"] for r in procedural.generate_chat(4, N_FACTS, seed=0, start=5, cfg=cfg)]
+    turns = [len(r["messages"]) for r in chats]
+    assert {r["messages"][0]["role"] for r in chats} == {"system", "user"} and max(turns) >= 6
+    asked = 0
+    for r in chats:
+        msgs = conversation(r, "chat")  # the SFT reader accepts every record
+        assert msgs[-1]["role"] == "assistant" and r["text"].endswith(msgs[-1]["content"])
+        pairs = [(q["content"], a["content"]) for q, a in zip(msgs, msgs[1:], strict=False)
+                 if q["role"] == "user" and a["role"] == "assistant"]  # fmt: skip
+        for fid in r["provenance"]["facts"]:  # each fact taught is asked, and answered right
+            f = facts[fid]
+            assert any(f.subject.lower() in q.lower() and a == f"{f.answer}." for q, a in pairs), (fid, pairs)
+            asked += 1
+    assert asked > 300
+    prefs = list(procedural.generate_preferences(300, N_FACTS, seed=0))
+    for r in prefs:
+        (fid,) = r["provenance"]["facts"]
+        assert r["chosen"] == f"{facts[fid].answer}." and r["rejected"] != r["chosen"]
+        assert r["prompt"][0]["role"] == "user" and facts[fid].subject.lower() in r["prompt"][0]["content"].lower()
+    assert len({r["prompt"][0]["content"] for r in prefs}) > 150
 
 
 def test_computed_answers_are_correct():

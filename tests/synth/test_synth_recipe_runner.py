@@ -122,7 +122,7 @@ def test_cli_synth_help_and_dry_run(tmp_path, capsys):
             parser.parse_args([cmd, "-h"])
         assert "usage: effilm " + cmd in capsys.readouterr().out
     assert main(["synth", "--out", str(tmp_path / "o"), "--limit", "7", "--dry-run"]) == 0
-    assert "records_to_write       14" in capsys.readouterr().out
+    assert "records_to_write       28" in capsys.readouterr().out  # textbook, web, chat, preferences
     assert not (tmp_path / "o" / "textbook").exists()
     assert main(["synth", "--out", str(tmp_path / "o"), "--limit", "7", "--seed", "5"]) == 0
     recs = list(read_records(tmp_path / "o" / "textbook"))

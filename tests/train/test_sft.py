@@ -160,3 +160,46 @@ def test_sft_resume_after_sigkill_is_bitwise_identical(chat, tmp_path):
     assert out.returncode == 0, out.stderr
     a, b = load_file(str(ref.final_dir / "model.safetensors")), load_file(str(run / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_loss_equals_trl(tmp_path):
+    """TRL's SFTTrainer with assistant_only_loss on the same conversations: the same tokens, the same
+    assistant mask, and the same loss from the same weights."""
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    import transformers
+    from chat_fixtures import CONVERSATIONS, GENERATION, make_tokenizer
+    from datasets import Dataset
+    from hf_models import build_hf
+    from trl import SFTConfig, SFTTrainer
+
+    import effilm
+    from effilm.data.loader import Batch
+    from effilm.train.objectives import StepContext, SupervisedFineTuning
+    from effilm.train.parallel import Dist
+
+    d = make_tokenizer(tmp_path / "tok", GENERATION)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(d))
+    hf = build_hf("llama", vocab_size=len(hf_tok), pad_token_id=hf_tok.pad_token_id, bos_token_id=None,
+                  eos_token_id=hf_tok.eos_token_id)  # fmt: skip
+    hf.save_pretrained(tmp_path / "hf")
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, per_device_train_batch_size=len(CONVERSATIONS),
+                     report_to=[], max_length=None, use_cpu=True, seed=0)  # fmt: skip
+    trainer = SFTTrainer(model=hf, args=args, train_dataset=Dataset.from_list([{"messages": c} for c in CONVERSATIONS]),
+                         processing_class=hf_tok)  # fmt: skip
+    ours_tok = load_tokenizer(d)
+    for row, conv in zip(trainer.train_dataset, CONVERSATIONS, strict=True):
+        ids, mask = encode_chat(ours_tok, conversation({"messages": conv}, "t"))
+        assert row["input_ids"] == ids and [int(label != -100) for label in row["labels"]] == mask
+    batch = next(iter(trainer.get_train_dataloader()))
+    labels = batch["labels"]
+    with torch.no_grad():
+        theirs = float(trainer.compute_loss(hf.eval(), batch, num_items_in_batch=(labels[:, 1:] != -100).sum()))
+    model = effilm.load(tmp_path / "hf")
+    ours_batch = Batch(tokens=batch["input_ids"], doc_ids=None, step=0, micro=0, num_micro=1, stage="s", sources=[],
+                       loss_mask=(labels != -100).to(torch.uint8))  # fmt: skip
+    obj = SupervisedFineTuning()
+    n = obj.global_count([ours_batch], Dist())
+    with torch.no_grad():
+        ours = float(obj.micro_loss(model, ours_batch, StepContext(torch.device("cpu"), global_count=n)).loss_sum) / n
+    assert ours == pytest.approx(theirs, abs=1e-5), (ours, theirs)

@@ -10,7 +10,12 @@ Python API (what the demo calls)::
     facts = procedural.select_facts(200, seed=0)
     for rec in procedural.generate_corpus(2000, num_facts=200, seed=0): ...
     for rec in procedural.generate_web_corpus(2000, num_facts=200, seed=0): ...
+    for rec in procedural.generate_chat(1000, num_facts=200, seed=0): ...          # SFT conversations
+    for rec in procedural.generate_preferences(1000, num_facts=200, seed=0): ...   # DPO pairs
     quiz = procedural.generate_quiz(num_facts=200, seed=0)   # MMLU-format dicts
+
+The chat and preference records ask about the same facts in the exercise phrasings, never the
+quiz's, so a chat-form quiz measures whether the model learned to answer, not the questions.
 """
 
 from __future__ import annotations
@@ -47,13 +52,16 @@ class ProceduralConfig:
     problems_per_record: int = field(default=3, metadata={"help": "computed problems in one record"})
     web_facts_per_record: int = field(default=2, metadata={"help": "facts buried in one web record"})
     web_noise_sentences: int = field(default=4, metadata={"help": "distractor sentences per web record"})
+    chat_records: int = field(default=0, metadata={"help": "chat conversations (SFT data) to write (0 for none)"})
+    preference_records: int = field(default=0, metadata={"help": "preference pairs (DPO data) to write (0 for none)"})
+    turns_per_chat: int = field(default=3, metadata={"help": "most question-and-answer turns in one conversation"})
 
     def __post_init__(self):
         for name in ("num_facts", "facts_per_record", "restatements", "problems_per_record",
-                     "web_facts_per_record"):
+                     "web_facts_per_record", "turns_per_chat"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"procedural.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("records", "web_records", "web_noise_sentences"):
+        for name in ("records", "web_records", "web_noise_sentences", "chat_records", "preference_records"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"procedural.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.facts_share <= 1.0:
@@ -147,6 +155,60 @@ def web_record(index: int, *, seed: int, facts: list[F.Fact], cfg: ProceduralCon
     )
 
 
+SYSTEM_PROMPTS = ["Answer with just the answer.", "You are a helpful tutor. Answer briefly.",
+                  "Give short, exact answers."]  # fmt: skip
+
+
+def _question(rng: random.Random, facts: list[F.Fact], domains: list[str]) -> tuple[str, str, str | None]:
+    """``(question, answer, fact id or None)``: a table fact asked in an exercise phrasing (never a
+    quiz phrasing), or a computed problem."""
+    computed = [d for d in domains if d != "facts"]
+    if "facts" in domains and (not computed or rng.random() < 0.75):
+        f = rng.choice(facts)
+        return F.exercise_question(rng, f), f.answer, f.id
+    p = COMPUTED[rng.choice(computed)](rng)
+    return p.question, str(p.answer), None
+
+
+def _transcript(messages: list[dict]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def chat_record(index: int, *, seed: int, facts: list[F.Fact], cfg: ProceduralConfig) -> dict:
+    """Chat record ``index``: one to ``turns_per_chat`` question-and-answer turns (``messages`` in
+    OpenAI's format); the assistant answers with the bare answer. ``text`` is a plain transcript,
+    for the tools that read text (dedup, decontam)."""
+    rng = random.Random(f"chat:{seed}:{index}")
+    messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.3 else []
+    taught = []
+    for _ in range(rng.randint(1, cfg.turns_per_chat)):
+        question, answer, fact = _question(rng, facts, cfg.domains)
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": f"{answer}."}]
+        taught += [fact] if fact else []
+    rec = make_record(
+        f"chat-{seed}-{index:09d}", _transcript(messages), backend="procedural", model=None, prompt="procedural:chat",
+        topic="chat", audience="chat", style="chat", kind="chat", injected_words=[], seed=seed, sampling={},
+        extra={"facts": taught},
+    )  # fmt: skip
+    return {"id": rec["id"], "messages": messages, **{k: v for k, v in rec.items() if k != "id"}}
+
+
+def preference_record(index: int, *, seed: int, facts: list[F.Fact], cfg: ProceduralConfig) -> dict:
+    """Preference record ``index``: a table-fact question (exercise phrasing), the right answer as
+    ``chosen`` and a plausible wrong one (the quiz's kind of distractor) as ``rejected``."""
+    rng = random.Random(f"prefs:{seed}:{index}")
+    f = rng.choice(facts)
+    prompt = [{"role": "user", "content": F.exercise_question(rng, f)}]
+    wrong = F.distractors(rng, f, 1)[0]
+    rec = make_record(
+        f"prefs-{seed}-{index:09d}", _transcript(prompt), backend="procedural", model=None, prompt="procedural:prefs",
+        topic="prefs", audience="chat", style="chat", kind="preference", injected_words=[], seed=seed, sampling={},
+        extra={"facts": [f.id]},
+    )  # fmt: skip
+    return {"id": rec["id"], "prompt": prompt, "chosen": f"{f.answer}.", "rejected": f"{wrong}.",
+            **{k: v for k, v in rec.items() if k != "id"}}  # fmt: skip
+
+
 def _config(cfg: ProceduralConfig | None, **overrides) -> ProceduralConfig:
     import dataclasses
 
@@ -170,6 +232,24 @@ def generate_web_corpus(n_records: int, num_facts: int = 200, seed: int = 0, *, 
     facts = F.select_facts(cfg.num_facts, seed)
     for i in range(start, start + n_records):
         yield web_record(i, seed=seed, facts=facts, cfg=cfg)
+
+
+def generate_chat(n_records: int, num_facts: int = 200, seed: int = 0, *, start: int = 0,
+                  cfg: ProceduralConfig | None = None) -> Iterator[dict]:
+    """Yield chat records ``start .. start+n_records-1`` (deterministic given the seed)."""
+    cfg = _config(cfg, num_facts=num_facts)
+    facts = F.select_facts(cfg.num_facts, seed)
+    for i in range(start, start + n_records):
+        yield chat_record(i, seed=seed, facts=facts, cfg=cfg)
+
+
+def generate_preferences(n_records: int, num_facts: int = 200, seed: int = 0, *, start: int = 0,
+                         cfg: ProceduralConfig | None = None) -> Iterator[dict]:
+    """Yield preference records ``start .. start+n_records-1`` (deterministic given the seed)."""
+    cfg = _config(cfg, num_facts=num_facts)
+    facts = F.select_facts(cfg.num_facts, seed)
+    for i in range(start, start + n_records):
+        yield preference_record(i, seed=seed, facts=facts, cfg=cfg)
 
 
 def generate_quiz(num_facts: int = 200, seed: int = 0, questions_per_fact: int = 1) -> list[dict]:

@@ -5,6 +5,7 @@ Output layout for ``--out DIR``::
     DIR/manifest.json           recipe hash, backend, and per stream each shard's range, count, sha256
     DIR/<stream>/shard-00000.jsonl
     DIR/quiz.jsonl              (procedural) the held-out MMLU-format quiz
+    DIR/chat/, DIR/preferences/ (procedural) SFT conversations and DPO pairs, when the recipe asks
     DIR/cache/                  (openai) request cache
 
 A shard is written atomically and then recorded in the manifest (also written atomically), so a
@@ -43,8 +44,10 @@ def streams_for(recipe: Recipe, limit: int | None) -> list[Stream]:
 
     if recipe.backend == "procedural":
         out = [Stream("textbook", cap(recipe.procedural.records))]
-        if recipe.procedural.web_records:
-            out.append(Stream("web", cap(recipe.procedural.web_records)))
+        for name, n in (("web", recipe.procedural.web_records), ("chat", recipe.procedural.chat_records),
+                        ("preferences", recipe.procedural.preference_records)):  # fmt: skip
+            if n:
+                out.append(Stream(name, cap(n)))
         return out
     return [Stream("records", cap(recipe.records))]
 
@@ -71,7 +74,8 @@ def _procedural_shard(task) -> tuple[str, str, dict]:
     recipe, stream, name, start, end, path = task
     from effilm.synth import procedural
 
-    gen = procedural.generate_corpus if stream == "textbook" else procedural.generate_web_corpus
+    gen = {"textbook": procedural.generate_corpus, "web": procedural.generate_web_corpus,
+           "chat": procedural.generate_chat, "preferences": procedural.generate_preferences}[stream]  # fmt: skip
     recs = gen(end - start, recipe.procedural.num_facts, recipe.seed, start=start, cfg=recipe.procedural)
     entry = write_shard(Path(path), recs)
     return stream, name, {"start": start, "end": end, **entry}
