@@ -104,6 +104,10 @@ def test_readme_tour_runs_as_written(tmp_path):
     assert json.loads((tmp_path / "chat_shards/manifest.json").read_text())["loss_mask"]
     sft = json.loads((tmp_path / "runs/tour-sft/config.json").read_text())
     assert sft["train"]["objective"] == "sft" and (tmp_path / "runs/tour-sft/final/model.safetensors").is_file()
+    dpo = json.loads((tmp_path / "runs/tour-dpo/config.json").read_text())
+    assert dpo["train"]["objective"] == "dpo" and dpo["model"]["init_from"].endswith("runs/tour-sft/final")
+    assert (tmp_path / "runs/tour-dpo/reference_logps.safetensors").is_file()
+    assert (tmp_path / "runs/tour-dpo/plots/rewards.png").is_file()
     assert (tmp_path / "eval.json").is_file() and (tmp_path / "tour.gguf").is_file()
     assert (tmp_path / "tour-int4/config.json").is_file() and (tmp_path / "tour-hf/config.json").is_file()
     assert (tmp_path / "runs/tour-moe/final/model.safetensors").is_file()

@@ -184,7 +184,7 @@ def test_sft_loss_equals_trl(tmp_path):
                   eos_token_id=hf_tok.eos_token_id)  # fmt: skip
     hf.save_pretrained(tmp_path / "hf")
     args = SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, per_device_train_batch_size=len(CONVERSATIONS),
-                     report_to=[], max_length=None, use_cpu=True, seed=0)  # fmt: skip
+                     report_to=[], max_length=None, use_cpu=True, bf16=False, seed=0)  # fmt: skip
     trainer = SFTTrainer(model=hf, args=args, train_dataset=Dataset.from_list([{"messages": c} for c in CONVERSATIONS]),
                          processing_class=hf_tok)  # fmt: skip
     ours_tok = load_tokenizer(d)

@@ -17,6 +17,11 @@ SPEC_HELP = """task SPEC forms (repeat --task for several):
   ppl:FILE        held-out text: JSONL with 'text' per line, or a plain text file; reports bits per
                   byte and perplexity over disjoint windows of the model's context (or sliding
                   windows with --ppl-stride)
+  chat:FILE       free-form questions asked through the model's chat template, answered greedily
+                  (up to --max-new-tokens, ending at the end-of-turn token) and scored by exact match
+                  after normalising case, punctuation, articles and spaces; records with question
+                  (or messages ending in a user turn) and answer (a string, or an index into
+                  choices: the MMLU-format quiz works as it is) or answers (a list)
 options after a comma: split=val, dev=PATH (few-shot source, same format), name=LABEL
   e.g. --task jsonl:quiz.jsonl,dev=quiz_dev.jsonl,name=quiz
 bad rows are skipped and listed in the report; --strict makes them errors (file:line)."""

@@ -97,6 +97,8 @@ class TokenizeConfig:
     batch_docs: int = _f(512, "Documents encoded per call (and per work item sent to a worker).")
     chat: bool = _f(False, "Chat data: JSONL records with 'messages' (or 'prompt' and 'completion') rendered by the "
                     "tokenizer's chat template, with a per-token loss mask (1 on assistant turns) beside the shards.")
+    preferences: bool = _f(False, "Preference data for DPO: JSONL records with 'prompt', 'chosen' and 'rejected', "
+                           "each pair rendered by the chat template with its answers' tokens masked in.")
 
     def __post_init__(self) -> None:
         _check_pos(self, "tokenize", "shard_tokens", "workers", "batch_docs")
@@ -104,6 +106,8 @@ class TokenizeConfig:
             raise ConfigError(f"tokenize.text_split={self.text_split!r} must be one of {TEXT_SPLITS}")
         if not self.text_field:
             raise ConfigError("tokenize.text_field must be a non-empty field name")
+        if self.chat and self.preferences:
+            raise ConfigError("tokenize: give chat or preferences, not both")
 
 
 @dataclass
@@ -112,7 +116,7 @@ class SourceConfig:
 
     name: str = _f("", "Name that stage mixtures refer to.")
     path: str = _f("", "Token dataset directory (holds manifest.json and the shards).")
-    val_sequences: int = _f(0, "Packed sequences held out for validation; their documents never reach training.")
+    val_sequences: int = _f(0, "Packed sequences (pairs, for preference data) held out for validation; their documents never reach training.")
     verify: bool = _f(True, "Check every shard's sha256 against the manifest when the loader opens it.")
 
     def __post_init__(self) -> None:

@@ -54,7 +54,9 @@ NAN_POLICIES = ("stop", "skip")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLELISMS = ("auto", "fsdp", "fsdp+ep")
-OBJECTIVES = ("lm", "sft")
+OBJECTIVES = ("lm", "sft", "dpo")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+DPO_REFERENCES = ("precomputed", "model")
 
 
 @dataclass
@@ -102,7 +104,8 @@ class TrainConfig:
     """The loop: batch sizes, precision, logging, validation, checkpoints, failure handling."""
 
     objective: str = _f("lm", f"One of {OBJECTIVES}: lm = next-token loss on every token; sft = only on the loss-masked "
-                         "tokens of chat data (assistant turns), normalised by their count in the global batch.")
+                         "tokens of chat data (assistant turns), normalised by their count in the global batch; dpo = "
+                         "direct preference optimisation on preference pairs (see the [dpo] table).")
     global_batch: int = _f(8, "Sequences per optimizer step, over all ranks.")
     micro_batch: int = _f(8, "Sequences per forward pass on one rank; gradient accumulation covers the rest.")
     seed: int = _f(0, "Seed of the model initialisation (the data order has its own, data.seed).")
@@ -151,6 +154,25 @@ class TrainConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Direct preference optimisation (``objective = "dpo"``): the ``[dpo]`` table."""
+
+    beta: float = _f(0.1, "Strength of the pull toward the reference model (DPO's beta; IPO's tau).")
+    loss: str = _f("sigmoid", f"One of {DPO_LOSSES}: DPO's -log sigmoid(beta * margin), IPO's squared loss on the "
+                   "per-token margin, or the hinge max(0, 1 - beta * margin).")
+    reference: str = _f("precomputed", f"One of {DPO_REFERENCES}: the reference model's log-probabilities computed once "
+                        "before training and stored in the run directory (one model in memory), or a frozen copy "
+                        "of the starting model kept in memory.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta > 0 \
+                or self.beta != self.beta or self.beta == float("inf"):  # fmt: skip
+            raise ConfigError(f"dpo.beta={self.beta!r} must be a positive number")
+        choice(self, "dpo", "loss", DPO_LOSSES)
+        choice(self, "dpo", "reference", DPO_REFERENCES)
+
+
+@dataclass
 class RunConfig:
     """Everything one training run needs."""
 
@@ -160,6 +182,7 @@ class RunConfig:
     data: DataConfig | None = _f(None, "Sources and stages ([data] table).")
     optim: OptimConfig = _f(help="Optimizer and schedule ([optim] table).", factory=OptimConfig)
     train: TrainConfig = _f(help="The loop ([train] table).", factory=TrainConfig)
+    dpo: DPOConfig = _f(help="Preference optimisation, for objective = 'dpo' ([dpo] table).", factory=DPOConfig)
 
     @classmethod
     def __config_expand__(cls, d: dict, where: str = "") -> dict:

@@ -16,6 +16,15 @@ Schedule
     global batch and yields them as ``B / W / micro_batch`` micro-batches: one rank with batch B sees
     exactly the rows two ranks with B/2 see together.
 
+Preference pairs (DPO)
+    A source tokenized with ``--preferences`` holds pair ``i`` as documents ``2i`` (prompt + chosen)
+    and ``2i + 1`` (prompt + rejected). Its rows are whole pairs, never packed: each epoch visits the
+    training pairs in its own permutation, and a micro-batch of ``micro_batch`` pairs has ``tokens``
+    ``[2 * micro_batch, L]`` (the chosen sides, then the rejected sides, right-padded to the longest
+    side ``L`` <= ``seq_len + 1``), their ``loss_mask`` (the answers' tokens) and ``pairs`` (each
+    pair's index in its source). ``val_sequences`` holds out that many pairs. A stage lasts
+    ``ceil(tokens / (global_batch * seq_len))`` steps as for packed data: a pair counts as one row.
+
 Loader API (for the trainer)
     ``StagedLoader(cfg: DataConfig, global_batch, micro_batch, rank=0, world_size=1, model_vocab_size=None)``
 
@@ -167,6 +176,48 @@ class SourceStream:
         return tokens, ids, mask
 
 
+class PairStream:
+    """The endless, epoch-shuffled sequence of one preference source's training pairs."""
+
+    def __init__(self, dataset, pairs, seed: int, name: str):
+        import numpy as np
+
+        self.dataset, self.name, self.seed = dataset, name, seed
+        self.pairs = np.asarray(pairs, dtype=np.int64)
+        if not len(self.pairs):
+            raise EffilmError(f"source {name!r}: no training pairs left (all held out for validation?)")
+        self._cache: dict[int, object] = {}
+
+    def pair(self, q: int) -> int:
+        """The pair index at position ``q`` of the stream."""
+        import numpy as np
+
+        e, i = divmod(q, len(self.pairs))
+        if e not in self._cache:
+            rng = np.random.default_rng([self.seed, _EPOCH_KEY, _name_key(self.name), e])
+            if len(self._cache) >= _EPOCH_CACHE:
+                self._cache.pop(min(self._cache))
+            self._cache[e] = self.pairs[rng.permutation(len(self.pairs))]
+        return int(self._cache[e][i])
+
+
+def pair_rows(datasets: list, pairs: list[int], pad_id: int):
+    """``(tokens, loss_mask)`` numpy arrays ``[2n, L]`` for ``n`` pairs (``datasets[k]`` holds pair
+    ``pairs[k]``): the chosen sides, then the rejected sides, right-padded with ``pad_id`` (mask 0)."""
+    import numpy as np
+
+    docs = [(ds, 2 * p) for ds, p in zip(datasets, pairs, strict=True)]
+    docs += [(ds, 2 * p + 1) for ds, p in zip(datasets, pairs, strict=True)]
+    width = max(int(ds.doc_lengths[d]) for ds, d in docs)
+    tokens = np.full((len(docs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(docs), width), dtype=np.uint8)
+    for i, (ds, d) in enumerate(docs):
+        n = int(ds.doc_lengths[d])
+        tokens[i, :n] = ds.document(d)
+        mask[i, :n] = ds.document_mask(d)
+    return tokens, mask
+
+
 @dataclass
 class Batch:
     """One micro-batch. ``tokens``: int64 ``[micro_batch, seq_len + 1]``; inputs ``tokens[:, :-1]``,
@@ -182,6 +233,7 @@ class Batch:
     stage: str
     sources: list[str]
     loss_mask: object = None  # uint8 like tokens, 1 where the loss counts; when a source has masks (chat data)
+    pairs: object = None  # preference data: int64 [micro_batch], each pair's index in its source
 
 
 STATE_VERSION = 1
@@ -236,13 +288,22 @@ class StagedLoader:
             )
         self.source_names = [s.name for s in cfg.sources]
         self.has_loss_mask = any(d.has_loss_mask for d in datasets.values())
+        kinds = {n: d.preferences for n, d in datasets.items()}
+        if len(set(kinds.values())) > 1:
+            raise EffilmError("data sources mix preference pairs with other data: "
+                              f"{', '.join(n for n, k in kinds.items() if k)} hold pairs, the others do not")  # fmt: skip
+        self.pairs = any(kinds.values())
         # documents are masked from each other by default when the data is chat data
         self.doc_ids = cfg.doc_ids if cfg.doc_ids is not None else self.has_loss_mask
         self.streams: dict[str, SourceStream] = {}
         self._val_rows: dict[str, tuple] = {}
         for s in cfg.sources:
-            train_docs, val = self._split(s, datasets[s.name])
-            self.streams[s.name] = SourceStream(datasets[s.name], train_docs, cfg.seed, s.name)
+            if self.pairs:
+                train_pairs, val = self._split_pairs(s, datasets[s.name])
+                self.streams[s.name] = PairStream(datasets[s.name], train_pairs, cfg.seed, s.name)
+            else:
+                train_docs, val = self._split(s, datasets[s.name])
+                self.streams[s.name] = SourceStream(datasets[s.name], train_docs, cfg.seed, s.name)
             self._val_rows[s.name] = val
         tokens_per_step = global_batch * cfg.seq_len
         steps = [-(-st.tokens // tokens_per_step) for st in cfg.stages]
@@ -284,6 +345,33 @@ class StagedLoader:
         mask = np.stack([r[2] for r in rows]) if masks is not None else np.ones_like(tokens, dtype=np.uint8)
         return np.sort(order[k:]), (tokens, ids, mask)
 
+    def _split_pairs(self, s, ds):
+        """Training pair indices, and the held-out ones (``val_sequences`` pairs, fixed by the seed)."""
+        import numpy as np
+
+        n = ds.num_documents // 2
+        longest = ds.doc_lengths.max()
+        if longest > self.width:
+            over = int((ds.doc_lengths.reshape(-1, 2).max(axis=1) > self.width).sum())
+            raise EffilmError(
+                f"source {s.name!r}: {over} of its {n} preference pairs have a side longer than data.seq_len + 1 = "
+                f"{self.width} tokens (the longest: {longest}); raise data.seq_len or shorten them"
+            )
+        if s.val_sequences >= n:
+            raise EffilmError(f"source {s.name!r}: val_sequences={s.val_sequences} holds out all {n} pairs, leaving "
+                              "none for training; lower val_sequences")  # fmt: skip
+        order = np.random.default_rng([self.cfg.seed, _VAL_KEY, _name_key(s.name)]).permutation(n)
+        val = np.sort(order[: s.val_sequences])
+        return np.sort(order[s.val_sequences :]), (val if s.val_sequences else None)
+
+    def _pair_batch(self, names: list[str], pairs: list[int], step, micro, num_micro, stage) -> Batch:
+        import torch
+
+        tokens, mask = pair_rows([self.datasets[n] for n in names], pairs, self.eos_id)
+        return Batch(tokens=torch.from_numpy(tokens), doc_ids=None, step=step, micro=micro, num_micro=num_micro,
+                     stage=stage, sources=names, loss_mask=torch.from_numpy(mask),
+                     pairs=torch.tensor(pairs, dtype=torch.int64))  # fmt: skip
+
     def validation_batches(self, micro_batch: int | None = None) -> dict[str, list[Batch]]:
         """Held-out rows per source (fixed by the seed), this rank's share, in micro-batches.
 
@@ -298,8 +386,16 @@ class StagedLoader:
         for name, val in self._val_rows.items():
             if val is None:
                 continue
-            rows = np.array_split(np.arange(len(val[0])), self.world_size)[self.rank]
+            held = len(val) if self.pairs else len(val[0])  # pair indices, or (tokens, ids, mask) rows
+            rows = np.array_split(np.arange(held), self.world_size)[self.rank]
             batches = []
+            if self.pairs:
+                for i in range(0, len(rows), mb):
+                    sel = [int(val[k]) for k in rows[i : i + mb]]
+                    batches.append(self._pair_batch([name] * len(sel), sel, -1, i // mb, -(-len(rows) // mb),
+                                                    "validation"))  # fmt: skip
+                out[name] = batches
+                continue
             for i in range(0, len(rows), mb):
                 sel = rows[i : i + mb]
                 batches.append(Batch(
@@ -367,6 +463,13 @@ class StagedLoader:
         src, q = self._plan_step()
         per_rank = self.global_batch // self.world_size
         lo = self.rank * per_rank + self.micro * self.micro_batch
+        if self.pairs:
+            names = [self.source_names[int(src[g])] for g in range(lo, lo + self.micro_batch)]
+            pairs = [self.streams[n].pair(int(q[g])) for n, g in zip(names, range(lo, lo + self.micro_batch), strict=True)]
+            batch = self._pair_batch(names, pairs, self.step, self.micro, self.num_micro,
+                                     self.cfg.stages[self.stage_index].name)  # fmt: skip
+            self._advance(src)
+            return batch
         tokens = np.empty((self.micro_batch, self.width), dtype=np.int64)
         ids = np.empty((self.micro_batch, self.width), dtype=np.int32)
         mask = np.empty((self.micro_batch, self.width), dtype=np.uint8)
@@ -382,13 +485,18 @@ class StagedLoader:
             stage=self.cfg.stages[self.stage_index].name, sources=names,
             loss_mask=torch.from_numpy(mask) if self.has_loss_mask else None,
         )
+        self._advance(src)
+        return batch
+
+    def _advance(self, src) -> None:
+        import numpy as np
+
         self.micro += 1
         if self.micro == self.num_micro:
             counts = np.bincount(src, minlength=len(self.source_names))
             for si, name in enumerate(self.source_names):
                 self.rows[name] += int(counts[si])
             self.step, self.micro = self.step + 1, 0
-        return batch
 
     def __len__(self) -> int:
         """Micro-batches left to yield."""

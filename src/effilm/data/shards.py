@@ -203,6 +203,32 @@ def _chat_batches(files, tok, cfg: TokenizeConfig, stats, dtype: str):
             yield fi, np.array(ids_b, dtype=dtype), np.array(lengths, dtype=np.int64), np.array(mask_b, dtype=np.uint8)
 
 
+def _preference_batches(files, tok, cfg: TokenizeConfig, stats, dtype: str):
+    """``(file_index, flat ids, lengths, flat mask)`` batches of preference pairs (JSONL): pair ``i``
+    is documents ``2i`` (prompt + chosen) and ``2i + 1`` (prompt + rejected), each masked on its
+    completion (:mod:`effilm.data.preferences`), without an EOS added."""
+    import numpy as np
+
+    from effilm.data.inputs import input_kind
+    from effilm.data.preferences import encode_preference
+    from effilm.io import iter_jsonl
+
+    for fi, f in enumerate(files):
+        if input_kind(f) != "jsonl":
+            raise EffilmError(f"{f}: preference data must be JSONL records with 'prompt', 'chosen' and 'rejected'")
+        ids_b, mask_b, lengths = [], [], []
+        for lineno, rec in iter_jsonl(f):
+            c, cm, r, rm = encode_preference(tok, rec, f"{f}:{lineno}")
+            ids_b += c + r
+            mask_b += cm + rm
+            lengths += [len(c), len(r)]
+            if len(lengths) >= 2 * cfg.batch_docs:
+                yield fi, np.array(ids_b, dtype=dtype), np.array(lengths, dtype=np.int64), np.array(mask_b, dtype=np.uint8)
+                ids_b, mask_b, lengths = [], [], []
+        if lengths:
+            yield fi, np.array(ids_b, dtype=dtype), np.array(lengths, dtype=np.int64), np.array(mask_b, dtype=np.uint8)
+
+
 def tokenize_files(inputs, tokenizer_dir, out, cfg: TokenizeConfig | None = None, progress=None,
                    overwrite: bool = False) -> dict:
     """Tokenize ``inputs`` with the tokenizer in ``tokenizer_dir`` into a dataset at ``out``.
@@ -237,9 +263,11 @@ def tokenize_files(inputs, tokenizer_dir, out, cfg: TokenizeConfig | None = None
             progress(len(lengths), int(lengths.sum()))
 
     with atomic_dir(out, mark=COMMAND) as tmp:
-        writer = _ShardWriter(tmp, cfg.shard_tokens, dtype, masks=cfg.chat)
-        if cfg.chat:  # conversations through the chat template, with the assistant loss mask
-            for fi, flat, lengths, mask in _chat_batches(files, tok, cfg, stats, dtype):
+        masked = cfg.chat or cfg.preferences
+        writer = _ShardWriter(tmp, cfg.shard_tokens, dtype, masks=masked)
+        if masked:  # conversations (or preference pairs) through the chat template, with their loss masks
+            batches = _chat_batches if cfg.chat else _preference_batches
+            for fi, flat, lengths, mask in batches(files, tok, cfg, stats, dtype):
                 stats[fi]["documents"] += len(lengths)
                 stats[fi]["tokens"] += int(lengths.sum())
                 writer.add(flat, lengths, mask)
@@ -277,7 +305,8 @@ def tokenize_files(inputs, tokenizer_dir, out, cfg: TokenizeConfig | None = None
             "tokens": sum(s["tokens"] for s in shards),
             "inputs": stats,
             "shards": shards,
-            "loss_mask": cfg.chat,
+            "loss_mask": masked,
+            "preferences": cfg.preferences,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
@@ -314,6 +343,7 @@ class TokenDataset:
         self.vocab_size = int(m["vocab_size"])
         self.tokenizer_sha256 = m["tokenizer"]["sha256"]
         self.has_loss_mask = bool(m.get("loss_mask"))
+        self.preferences = bool(m.get("preferences"))  # documents 2i, 2i + 1: pair i's chosen, rejected
         self._shards, self._masks = [], []
         shard_of, starts, lengths = [], [], []
         for si, s in enumerate(m["shards"]):
@@ -387,5 +417,5 @@ class TokenDataset:
         if f.stat().st_size != s["tokens"]:
             raise EffilmError(f"shard mask {f}: {f.stat().st_size} bytes for {s['tokens']} tokens; truncated or corrupt")
         if verify and sha256_file(f) != s["mask_sha256"]:
-            raise EffilmError(f"shard mask {f}: sha256 does not match the manifest; re-run `effilm data tokenize --chat`")
+            raise EffilmError(f"shard mask {f}: sha256 does not match the manifest; re-run `effilm data tokenize`")
         return np.memmap(f, dtype=np.uint8, mode="r") if s["tokens"] else None

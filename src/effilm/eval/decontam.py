@@ -357,8 +357,8 @@ def clean_text(text: str, matches: list[dict], cfg: DecontamConfig) -> tuple[str
 def items_from_tasks(tasks) -> list[BenchItem]:
     items = []
     for b, task in enumerate(tasks):
-        for it in task.items:
-            items.append(BenchItem(b, it.uid, it.question, it.choices[it.answer]))
+        for it in task.entries:
+            items.append(BenchItem(b, it.uid, it.question, it.answer_text))
     if not items:
         raise EffilmError("decontam: the benchmarks hold no items")
     return items

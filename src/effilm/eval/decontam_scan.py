@@ -148,7 +148,7 @@ def build_report(tasks, index: NgramIndex, shards: list[dict], cfg: DecontamConf
     for b, task in enumerate(tasks):
         mine = [i for i, it in enumerate(index.items) if it.benchmark == b]
         unchecked = [index.items[i].uid for i in mine if not index.checked[i]]
-        order = {it.uid: k for k, it in enumerate(task.items)}
+        order = {it.uid: k for k, it in enumerate(task.entries)}
         benches.append({"name": task.name, "spec": task.spec, "items": len(mine), "checked": len(mine) - len(unchecked),
                         "unchecked_ids": unchecked, "contaminated": len(confirmed[b]),
                         "contaminated_ids": sorted(confirmed[b], key=lambda u: order.get(u, 0)),
@@ -256,10 +256,10 @@ def precheck(sources, benchmarks, cfg: DecontamConfig | None = None, *, fail_on_
                           "item": m["item"], "score": m["score"]} for m in found if m["confirmed"]]
     per = []
     for b, task in enumerate(tasks):
-        order = {it.uid: k for k, it in enumerate(task.items)}
+        order = {it.uid: k for k, it in enumerate(task.entries)}
         ids = sorted({h["item"] for h in hits if h["benchmark"] == task.name}, key=lambda u: order.get(u, 0))
         unchecked = sum(1 for i, it in enumerate(index.items) if it.benchmark == b and not index.checked[i])
-        per.append({"name": task.name, "spec": task.spec, "items": len(task.items), "unchecked": unchecked,
+        per.append({"name": task.name, "spec": task.spec, "items": len(task.entries), "unchecked": unchecked,
                     "contaminated": len(ids), "contaminated_ids": ids})
     summary = {"benchmarks": per, "hits": hits, "files": [f["path"] for f in files],
                "documents": n_docs, "chars": n_chars, "contaminated_items": sum(b["contaminated"] for b in per),

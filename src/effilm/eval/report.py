@@ -8,6 +8,7 @@ import json
 import math
 import platform
 
+from effilm.eval.chat import score_chat
 from effilm.eval.scoring import EvalConfig, TokenizerAdapter, perplexity, prompt_format, score_task
 from effilm.eval.tasks import Task
 
@@ -97,8 +98,13 @@ def run_evaluation(model, tokenizer, tasks: list[Task], cfg: EvalConfig, *, scor
         if task.kind == "ppl":
             entry["perplexity"] = perplexity(model, tok, task.texts, cfg)
         else:
-            records = score_task(model, tok, task, cfg, scorer=scorer)
-            metrics = ("acc",) if cfg.scoring == "letter" else ("acc", "acc_norm")
+            if task.kind == "chat":
+                records = score_chat(model, tokenizer, task.chat, batch_size=cfg.batch_size,
+                                     max_new_tokens=cfg.max_new_tokens)
+                metrics = ("exact_match",)
+            else:
+                records = score_task(model, tok, task, cfg, scorer=scorer)
+                metrics = ("acc",) if cfg.scoring == "letter" else ("acc", "acc_norm")
             entry.update(aggregate(records, metrics))
             cont = contamination_for(task, corpus_report)
             if cont is not None:
@@ -129,21 +135,17 @@ def format_table(report: dict) -> str:
             lines.append(f"{t['name']}: bits/byte {p['bits_per_byte']:.4f}  perplexity {p['perplexity']:.3f}  "
                          f"({p['tokens']} tokens, {p['method']})")
             continue
-        norm = "acc_norm" in t["overall"]
-        head = f"{'subject':<40} {'n':>6} {'acc':>7} {'± se':>7}" + (f" {'acc_norm':>8} {'± se':>7}" if norm else "")
+        metrics = list(t["overall"])  # acc (and acc_norm), or exact_match
+        widths = [max(7, len(m)) for m in metrics]
+        head = f"{'subject':<40} {'n':>6}" + "".join(f" {m:>{w}} {'± se':>7}" for m, w in zip(metrics, widths))
         lines += [f"== {t['name']} ==", head, "-" * len(head)]
-        rows = [(s, v) for s, v in t["subjects"].items()]
-        for s, v in rows:
-            line = f"{s:<40} {v['n']:>6} {_f(v['acc'], 7)} {_f(v['acc_stderr'], 7)}"
-            if norm:
-                line += f" {_f(v['acc_norm'], 8)} {_f(v['acc_norm_stderr'], 7)}"
-            lines.append(line)
+        for s, v in t["subjects"].items():
+            lines.append(f"{s:<40} {v['n']:>6}" + "".join(f" {_f(v[m], w)} {_f(v[m + '_stderr'], 7)}"
+                                                            for m, w in zip(metrics, widths)))
+        o = t["overall"]
         for avg in ("micro", "macro"):
-            o = t["overall"]
-            line = f"{'OVERALL (' + avg + ')':<40} {o['acc']['n']:>6} {_f(o['acc'][avg], 7)} {_f(o['acc'][avg + '_stderr'], 7)}"
-            if norm:
-                line += f" {_f(o['acc_norm'][avg], 8)} {_f(o['acc_norm'][avg + '_stderr'], 7)}"
-            lines.append(line)
+            lines.append(f"{'OVERALL (' + avg + ')':<40} {o[metrics[0]]['n']:>6}"
+                         + "".join(f" {_f(o[m][avg], w)} {_f(o[m][avg + '_stderr'], 7)}" for m, w in zip(metrics, widths)))
         if t.get("skipped"):
             lines.append(f"skipped {len(t['skipped'])} bad rows (see report 'skipped')")
         c = t.get("contamination")

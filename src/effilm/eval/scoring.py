@@ -50,6 +50,8 @@ class EvalConfig:
                                                  "(0: disjoint windows, as lm-eval's rolling log-likelihood)"})
     use_kv_cache: bool = field(default=True, metadata={"help": "effilm models: score the choices from the "
                                                        "context's KV cache (same numbers, less compute)"})
+    max_new_tokens: int = field(default=32, metadata={"help": "chat tasks: most tokens generated per answer "
+                                                       "(greedy; the answer ends at the end-of-turn token)"})
     min_shared_prefix: int = field(default=16, metadata={"help": "KV-cache path: reuse the previous question's "
                                                          "cache when contexts share at least this many leading "
                                                          "tokens (few-shot prompts); 0 = off"})
@@ -59,6 +61,8 @@ class EvalConfig:
             raise ConfigError(f"shots: must be >= 0, got {self.shots}")
         if self.scoring not in SCORINGS:
             raise ConfigError(f"scoring: must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: must be an integer >= 1, got {self.max_new_tokens!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.min_shared_prefix < 0:

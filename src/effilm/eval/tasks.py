@@ -7,6 +7,8 @@ A task SPEC names a format and a path, with optional comma-separated options::
     jsonl:FILE            records with question, subject, choices (list), answer (int)
     parquet:FILE          the same columns, as HF's MMLU parquet
     ppl:FILE              held-out text (one JSON record with ``text`` per line, or plain text)
+    chat:FILE             free-form questions through the chat template, scored by normalised
+                          exact match of the greedy answer (see :mod:`effilm.eval.chat`)
 
     options: ``split=val`` (which split to evaluate), ``dev=PATH`` (few-shot source in the same
     format), ``name=LABEL`` (the task's name in reports).  Example: ``jsonl:quiz.jsonl,dev=d.jsonl``.
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from effilm.errors import ConfigError, EffilmError, closest
 
-KINDS = ("mmlu", "csv", "jsonl", "parquet", "ppl")
+KINDS = ("mmlu", "csv", "jsonl", "parquet", "ppl", "chat")
 SPLITS = ("dev", "val", "test")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -56,6 +58,10 @@ class Item:
     source: str
     uid: str = ""
 
+    @property
+    def answer_text(self) -> str:
+        return self.choices[self.answer]
+
 
 @dataclass
 class Task:
@@ -67,6 +73,13 @@ class Task:
     skipped: list[dict] = field(default_factory=list)  # {"source": "file:line", "reason": ...}
     files: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)  # ppl documents
+    chat: list = field(default_factory=list)  # chat tasks: effilm.eval.chat.ChatItem
+
+    @property
+    def entries(self) -> list:
+        """What is scored: the multiple-choice items, or a chat task's questions (both have
+        ``uid``, ``question`` and ``answer_text``)."""
+        return self.chat if self.kind == "chat" else self.items
 
     def data_hash(self) -> str:
         """sha256 over every file read (name and content), in a fixed order."""
@@ -229,9 +242,9 @@ def _group(items: list[Item]) -> dict[str, list[Item]]:
     return out
 
 
-def _assign_uids(task: Task) -> None:
+def _assign_uids(items: list) -> None:
     counts: dict[str, int] = {}
-    for it in task.items:
+    for it in items:
         if not it.uid:
             n = counts.get(it.subject, 0)
             counts[it.subject] = n + 1
@@ -252,6 +265,15 @@ def load_task(spec: str | TaskSpec, cfg: TaskConfig | None = None) -> Task:
     if ts.kind == "ppl":
         task.texts = read_texts(path)
         task.files.append(str(path))
+        return task
+    if ts.kind == "chat":
+        from effilm.eval.chat import read_chat_items
+
+        task.chat = read_chat_items(path, rows.bad)
+        task.files.append(str(path))
+        if not task.chat:
+            raise EffilmError(f"task {task.spec}: no valid items ({_first_problem(task)})")
+        _assign_uids(task.chat)
         return task
     if ts.kind == "mmlu":
         if not path.is_dir():
@@ -294,10 +316,14 @@ def load_task(spec: str | TaskSpec, cfg: TaskConfig | None = None) -> Task:
             task.files.append(dev)
         task.items = items
     if not task.items:
-        why = f"; first problem: {task.skipped[0]['source']}: {task.skipped[0]['reason']}" if task.skipped else ""
-        raise EffilmError(f"task {task.spec}: no valid items in split {split!r} ({len(task.skipped)} rows skipped){why}")
-    _assign_uids(task)
+        raise EffilmError(f"task {task.spec}: no valid items in split {split!r} ({_first_problem(task)})")
+    _assign_uids(task.items)
     return task
+
+
+def _first_problem(task: Task) -> str:
+    why = f"; first problem: {task.skipped[0]['source']}: {task.skipped[0]['reason']}" if task.skipped else ""
+    return f"{len(task.skipped)} rows skipped{why}"
 
 
 def read_texts(path: Path) -> list[str]:

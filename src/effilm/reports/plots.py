@@ -8,7 +8,9 @@
 - ``expert_load.png``: one panel per MoE layer, x = step, y = expert, colour = the expert's load
   relative to uniform (1.0 is perfect balance). A dense run gets no heatmap, and a note says so;
 - ``train_stats.png``: one panel per logged training statistic among ``STATS`` (gradient norm,
-  throughput, and for MoE runs the auxiliary loss, router z-loss and dropped-token fraction).
+  throughput, and for MoE runs the auxiliary loss, router z-loss and dropped-token fraction);
+- ``rewards.png`` (DPO runs): the implicit rewards of the chosen and rejected answers and their
+  margin, beside the preference accuracy (the fraction of pairs ranked right; 0.5 is chance).
 
 ``plot_compare(run_dirs, out_dir)`` writes ``compare_loss.png``: the runs' loss curves overlaid
 against tokens and against cumulative active training FLOPs, the axis on which a dense model and
@@ -165,6 +167,34 @@ def draw_stats(run: Run, series: dict[str, Series], path: Path, cfg: PlotConfig)
     return _save(fig, path, cfg)
 
 
+REWARDS = {"rewards_chosen": "chosen", "rewards_rejected": "rejected", "rewards_margin": "margin"}
+
+
+def draw_rewards(run: Run, path: Path, cfg: PlotConfig) -> Path:
+    fig = _figure(1, 2, cfg)
+    left, right = fig.subplots(1, 2, squeeze=True)
+    stages = stage_starts(run.metrics)
+    for i, (key, label) in enumerate(REWARDS.items()):
+        s = train_series(run.metrics, key)
+        left.plot(s.steps, s.values, color=f"C{i}", linewidth=1.2, label=label,
+                  linestyle="--" if key == "rewards_margin" else "-")  # fmt: skip
+    left.axhline(0.0, color="grey", linewidth=0.8)
+    left.set_title("implicit reward (beta * log ratio to the reference)", fontsize=10)
+    left.legend(fontsize=8)
+    acc = train_series(run.metrics, "rewards_accuracy")
+    right.plot(acc.steps, acc.values, color="C3", linewidth=1.2)
+    right.axhline(0.5, color="grey", linewidth=0.8, linestyle=":", label="chance")
+    right.set_ylim(-0.02, 1.02)
+    right.set_title("preference accuracy (chosen reward > rejected)", fontsize=10)
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        _mark_stages(ax, stages, by_tokens=False)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{run.label}: preference optimisation")
+    return _save(fig, path, cfg)
+
+
 def _edges(steps: list[int]) -> list[float]:
     """Cell edges centred on each logged step (non-uniform logging intervals stay honest)."""
     if len(steps) == 1:
@@ -206,8 +236,8 @@ def draw_expert_load(run: Run, loads: list[LayerLoad], path: Path, cfg: PlotConf
 def plot_run(
     run_dir: str | Path, out_dir: str | Path, cfg: PlotConfig | None = None, notes: list[str] | None = None
 ) -> list[Path]:
-    """Write ``loss.png``, for an MoE run ``expert_load.png``, and ``train_stats.png`` when the run
-    logged any of ``STATS``, into ``out_dir``; return the paths.
+    """Write ``loss.png``, for an MoE run ``expert_load.png``, ``train_stats.png`` when the run
+    logged any of ``STATS`` and for a DPO run ``rewards.png``, into ``out_dir``; return the paths.
     Anything worth telling the user (a dense run has no heatmap, a truncated last line, superseded
     records after a resume) is appended to ``notes`` when given."""
     cfg = cfg or PlotConfig()
@@ -227,6 +257,8 @@ def _plot_loaded(run: Run, out_dir: Path, cfg: PlotConfig, notes: list[str]) -> 
     stats = {k: s for k in STATS if (s := train_series(run.metrics, k)).values}
     if stats:
         paths.append(draw_stats(run, stats, out_dir / "train_stats.png", cfg))
+    if train_series(run.metrics, "rewards_accuracy").values:
+        paths.append(draw_rewards(run, out_dir / "rewards.png", cfg))
     return paths
 
 

@@ -29,12 +29,9 @@ from effilm.train.checkpointer import Checkpointer, Position
 from effilm.train.init import load_initial_weights, resolve_init
 from effilm.train.metrics import MetricsLog, Window
 from effilm.train.objectives import (
-    IGNORE,
     MicroLoss,
     Objective,
     StepContext,
-    autocast,
-    lm_targets,
     make_objective,
 )
 from effilm.train.parallel import Dist, clip_grad_norm_, init_distributed, parallelize
@@ -99,6 +96,11 @@ def preflight(cfg: RunConfig, rank: int = 0, world_size: int = 1):
     if t.objective == "sft" and not loader.has_loss_mask:
         raise EffilmError("objective 'sft' needs loss masks: none of the data sources has them (tokenize chat data "
                           "with `effilm data tokenize --chat`)")  # fmt: skip
+    if (t.objective == "dpo") != loader.pairs:
+        raise EffilmError("objective 'dpo' needs preference pairs (tokenize them with `effilm data tokenize "
+                          "--preferences`)" if t.objective == "dpo" else
+                          f"the data sources hold preference pairs, which only objective 'dpo' trains on "
+                          f"(train.objective is {t.objective!r})")  # fmt: skip
     if t.precheck_benchmarks:
         _precheck(cfg)
     return loader
@@ -141,8 +143,8 @@ class _StopFlag:
 
 
 # ----- validation -----------------------------------------------------------------------------------
-def validate(model, val_batches: dict, device, amp, dist, objective=None) -> dict[str, float]:
-    """The objective's mean loss on each source's held-out rows (its counted targets), over all ranks."""
+def validate(model, val_batches: dict, device, amp, dist, objective) -> dict[str, float]:
+    """The objective's mean loss on each source's held-out rows (its counted units), over all ranks."""
     out = {}
     was_training = model.training
     model.eval()
@@ -150,10 +152,7 @@ def validate(model, val_batches: dict, device, amp, dist, objective=None) -> dic
         for name, batches in val_batches.items():
             acc = torch.zeros(2, dtype=torch.float64, device=device)
             for b in batches:
-                inputs, targets, doc_ids = objective.targets(b, device) if objective else lm_targets(b, device)
-                with autocast(device, amp):
-                    ce = model(inputs, doc_ids=doc_ids, targets=targets).ce_sum
-                acc += torch.stack([ce.double(), acc.new_tensor(float((targets != IGNORE).sum()))])
+                acc += objective.val_sums(model, b, device, amp).to(device)
             acc = dist.all_reduce_sum(acc)
             out[name] = float(acc[0] / acc[1].clamp_min(1))
     model.train(was_training)
@@ -192,10 +191,15 @@ class Trainer:
         if cfg.model.init_from:  # step 0 starts from these weights (a resume then restores its own)
             load_initial_weights(model, cfg)
         model.train()
+        objective = make_objective(cfg.train.objective, cfg.dpo)
+        if cfg.train.objective == "dpo" and cfg.dpo.reference == "model":
+            from effilm.train.reference import frozen_copy
+
+            objective.reference_model = frozen_copy(model)  # the starting weights, whatever a resume restores
         wrapped = parallelize(model, cfg.train.parallelism, dist)
         wrapped = torch.compile(wrapped) if cfg.train.compile else wrapped
         return cls(cfg, dist, device, amp, loader, model, wrapped, build_optimizer(wrapped, cfg.optim),
-                   make_schedule(cfg.optim, loader.stage_bounds, total_steps), make_objective(cfg.train.objective),
+                   make_schedule(cfg.optim, loader.stage_bounds, total_steps), objective,
                    MetricsLog(run_dir, enabled=dist.is_main),
                    Checkpointer(run_dir, cfg.to_dict(), cfg.model, cfg.train.keep_last, dist), total_steps)  # fmt: skip
 
@@ -211,6 +215,7 @@ class StepOutcome:
     lr: float
     stage: str
     routing: dict | None  # MoE statistics of the step (effilm.train.metrics.step_routing_stats)
+    extras: dict = field(default_factory=dict)  # the objective's other metrics (DPO: rewards, accuracy)
 
 
 # ----- one optimizer step ------------------------------------------------------------------------------
@@ -225,15 +230,20 @@ def train_step(tr: Trainer, pos: Position) -> StepOutcome:
     batches = [next(tr.loader) for _ in range(tr.loader.num_micro)]
     count = tr.objective.global_count(batches, dist)
     reduce = dist.all_reduce_sum  # a copy in one process: the same code at any world size
-    loss_total, per_micro = torch.zeros((), dtype=torch.float64, device=tr.device), []
+    loss_total, per_micro, extras = torch.zeros((), dtype=torch.float64, device=tr.device), [], {}
     for b in batches:
         ctx = StepContext(tr.device, tr.amp, dist.world_size, count, 1.0 / len(batches), reduce)
         out: MicroLoss = tr.objective.micro_loss(tr.wrapped, b, ctx)
         out.loss.backward()
         loss_total += out.loss_sum.double()
+        for k, v in out.extras.items():
+            extras[k] = extras.get(k, 0.0) + v.detach().to(tr.device)
         if out.routing:
             per_micro.append(out.routing)
     step_loss = float(dist.all_reduce_sum(loss_total)) / count
+    if extras:  # the objective's other per-unit metrics, averaged over the global batch
+        sums = dist.all_reduce_sum(torch.stack([extras[k] for k in sorted(extras)]))
+        extras = {k: float(v) / count for k, v in zip(sorted(extras), sums, strict=True)}
     grad_norm = float(clip_grad_norm_(tr.wrapped, tr.cfg.optim.grad_clip, dist))
     finite = bool(torch.isfinite(torch.tensor([step_loss, grad_norm])).all())
     if finite:
@@ -245,7 +255,7 @@ def train_step(tr: Trainer, pos: Position) -> StepOutcome:
     pos.step += 1
     pos.tokens += tr.tokens_per_step
     routing = step_routing_stats(per_micro, tr.cfg.model.moe, reduce) if per_micro else None
-    return StepOutcome(step_loss if finite else float("nan"), grad_norm, lr, stage, routing)
+    return StepOutcome(step_loss if finite else float("nan"), grad_norm, lr, stage, routing, extras)
 
 
 def _non_finite(tr: Trainer, pos: Position, loss: float, grad_norm: float, stage: str) -> None:
@@ -312,6 +322,9 @@ def run_loop(tr: Trainer, resume: bool, progress: bool | None) -> TrainResult:
     pos = (tr.checkpoints.restore(tr.model, tr.optimizer, tr.loader) if resume else None) or Position()
     _start_log(tr, pos)
     t = cfg.train
+    from effilm.train import reference
+
+    reference.prepare(tr, resumed=pos.resumed_from is not None, progress=t.progress if progress is None else progress)
     val_batches = tr.loader.validation_batches()
     bar = _progress(tr.total_steps, pos.step, (t.progress if progress is None else progress) and dist.is_main)
     window, t0, stage = Window(), time.perf_counter(), tr.loader.stage.name if pos.step < tr.total_steps else None
@@ -325,12 +338,12 @@ def run_loop(tr: Trainer, resume: bool, progress: bool | None) -> TrainResult:
                               "stage": stage})  # fmt: skip
             out = train_step(tr, pos)
             last_loss = out.loss if out.loss == out.loss else last_loss  # nan != nan
-            window.add(out.loss, out.grad_norm, tr.tokens_per_step, out.routing)
+            window.add(out.loss, out.grad_norm, tr.tokens_per_step, out.routing, out.extras)
             bar.update(1)
             if pos.step % t.log_every == 0 or pos.step == tr.total_steps:
                 _log_window(tr, pos, out, window, bar, t0)
             if val_batches and ((t.eval_every and pos.step % t.eval_every == 0) or pos.step == tr.total_steps):
-                val_loss = validate(tr.wrapped, val_batches, tr.device, tr.amp, dist)
+                val_loss = validate(tr.wrapped, val_batches, tr.device, tr.amp, dist, tr.objective)
                 tr.log.write({"kind": "val", "step": pos.step, "tokens": pos.tokens, "val_loss": val_loss})
             stop = flag.signum is not None
             if (t.save_every and pos.step % t.save_every == 0) or pos.step == tr.total_steps or stop:

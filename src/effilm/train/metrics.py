@@ -6,6 +6,8 @@
   "aux_loss", "z_loss", "dropped_frac", "expert_load", "moe_layers", "active_flops",
   "elapsed_s"}``: one per logging step, averaged over the steps since the previous record.
   ``expert_load`` is, per MoE layer, each expert's fraction of the window's assignments.
+  DPO runs add ``rewards_chosen``, ``rewards_rejected``, ``rewards_margin`` and
+  ``rewards_accuracy`` (global-batch means, averaged over the window).
 * ``{"kind": "val", "step", "tokens", "val_loss": {source: loss}}``;
 * ``{"kind": "event", "step", "event", ...}``: stage_start, checkpoint, resume, nan_skip, stop.
 
@@ -91,9 +93,12 @@ class Window:
         self.counts = None  # [L, E] assignments
         self.dropped = 0.0
         self.assignments = 0.0
+        self.extras: dict[str, float] = {}
 
-    def add(self, loss: float, grad_norm: float, tokens: int, step_stats) -> None:
+    def add(self, loss: float, grad_norm: float, tokens: int, step_stats, extras: dict | None = None) -> None:
         self.steps += 1
+        for k, v in (extras or {}).items():
+            self.extras[k] = self.extras.get(k, 0.0) + v
         self.loss += loss
         self.grad_norm += grad_norm
         self.tokens += tokens
@@ -117,6 +122,7 @@ class Window:
             "dropped_frac": None,
             "expert_load": None,
         }
+        rec.update({k: _num(v / n) for k, v in self.extras.items()})
         if self.counts is not None:
             load = self.counts / self.counts.sum(dim=1, keepdim=True).clamp_min(1)
             rec.update(
