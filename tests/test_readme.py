@@ -108,6 +108,8 @@ def test_readme_tour_runs_as_written(tmp_path):
     assert dpo["train"]["objective"] == "dpo" and dpo["model"]["init_from"].endswith("runs/tour-sft/final")
     assert (tmp_path / "runs/tour-dpo/reference_logps.safetensors").is_file()
     assert (tmp_path / "runs/tour-dpo/plots/rewards.png").is_file()
+    chat_eval = json.loads((tmp_path / "chat-eval.json").read_text())["tasks"][0]
+    assert "exact_match" in chat_eval["overall"] and len(chat_eval["items"]) == chat_eval["overall"]["exact_match"]["n"]
     assert (tmp_path / "eval.json").is_file() and (tmp_path / "tour.gguf").is_file()
     assert (tmp_path / "tour-int4/config.json").is_file() and (tmp_path / "tour-hf/config.json").is_file()
     assert (tmp_path / "runs/tour-moe/final/model.safetensors").is_file()

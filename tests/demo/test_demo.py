@@ -115,6 +115,42 @@ def test_quick_models_equal_budgets_and_active_params(quick):
         assert (Path(t["final_dir"]) / "tokenizer.json").is_file()
 
 
+def test_quick_posttrain_stage(quick):
+    from effilm.eval.chat import exact_match
+
+    out, stdout, s = quick
+    pt, tr = s["posttrain"], s["train"]
+    sft, dpo = pt["runs"]["sft"], pt["runs"]["dpo"]
+    assert pt["from"] == "dense-textbook" and sft["init_from"] == tr["dense-textbook"]["final_dir"]
+    assert dpo["init_from"] == sft["final_dir"]
+    for kind, run in pt["runs"].items():
+        cfg = json.loads((Path(run["run_dir"]) / "config.json").read_text())
+        assert cfg["train"]["objective"] == kind and cfg["model"]["init_from"] == run["init_from"]
+        assert math.isfinite(run["final_loss"]) and run["final_loss"] < run["first_loss"], kind
+    assert (Path(dpo["run_dir"]) / "reference_logps.safetensors").is_file()
+    assert set(dpo["last"]) == {"rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy"}
+    for kind, d in pt["data"].items():
+        assert d["contaminated"] == 0 and d["records"] == len(_jsonl(d["source"])), kind
+        assert json.loads((Path(d["path"]) / "manifest.json").read_text())["tokens"] == d["tokens"]
+    n = s["synthesize"]["quiz"]["items"]
+    for e in pt["evaluate"].values():
+        items = json.loads(Path(e["reports"]["chat"]).read_text())["tasks"][0]["items"]
+        assert len(items) == n == e["chat_exact_match"]["n"]
+        assert all(it["correct"] == exact_match(it["output"], it["answers"]) for it in items)
+        assert e["chat_exact_match"]["acc"] == pytest.approx(sum(it["correct"] for it in items) / n)
+        assert sum(e["predicted_letters"].values()) == n
+    tr_ = pt["transcript"]
+    assert tr_["status"] == "done" and len(tr_["turns"]) == 2 and tr_["server_exit"] == 0
+    # the served chat endpoint answers as the chat-form evaluation of the same model did (both greedy)
+    items = json.loads(Path(pt["evaluate"]["dpo"]["reports"]["chat"]).read_text())["tasks"][0]["items"]
+    for turn, it in zip(tr_["turns"], items, strict=False):
+        assert turn["messages"][-1]["content"] == it["question"] and turn["reply"] == it["output"]
+    assert {"posttrain_chat", "posttrain_letter"} <= {n["topic"] for n in s["notes"]}
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "Post-training: the chat model" in md and tr_["turns"][0]["messages"][-1]["content"] in md
+    assert (out / "plots/dpo/rewards.png").is_file() and (out / "plots/sft/loss.png").is_file()
+
+
 def test_quick_eval_matches_the_reports(quick):
     _, _, s = quick
     n = s["synthesize"]["quiz"]["items"]
@@ -293,13 +329,19 @@ def test_notes_report_either_way():
 @pytest.mark.timeout(3600)  # three full demos, about 5 minutes each
 def test_full_demo_textbook_cloze_target_over_three_seeds(tmp_path):
     torch.set_num_threads(1)
-    accs = []
+    accs, chat = [], {"base": [], "sft": [], "dpo": []}
     for seed in (0, 1, 2):
         cfg = DemoConfig(seed=seed)
         s = run_pipeline(cfg, tmp_path / f"seed{seed}")
         assert s["clean"]["planted_leak_check"]["exact"]
         accs.append(s["evaluate"]["dense-textbook"]["cloze"]["acc"])
+        for m in chat:
+            chat[m].append(s["posttrain"]["evaluate"][m]["chat_exact_match"]["acc"])
+        assert s["timings"]["total"]["wall_s"] < 600
+    print("cloze", accs, "chat exact match", chat)
     assert sum(accs) / len(accs) >= DemoConfig().cloze_target, accs
+    # the post-training issue's target: the chat-form quiz, post-trained >= 60%, base < 10%
+    assert sum(chat["dpo"]) / 3 >= 0.6 and sum(chat["base"]) / 3 < 0.1, chat
 
 
 def test_reference_config_files_match_the_builtin_settings(tmp_path):

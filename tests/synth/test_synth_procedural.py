@@ -100,9 +100,17 @@ def test_no_quiz_item_appears_in_training_text(n):
     assert _ngrams(planted, min(n, len(planted))) & (grams | _ngrams(planted, min(n, len(planted))))
 
 
-def test_corpus_teaches_question_answer_form_in_other_phrasings():
-    text = "\n".join(r["text"] for r in procedural.generate_corpus(200, N_FACTS, seed=0))
-    assert text.count("Question: ") > 100 and text.count("\nAnswer: ") > 100
+@pytest.mark.parametrize("stream", ["corpus", "chat", "preferences"])
+def test_corpus_teaches_question_answer_form_in_other_phrasings(stream):
+    gen = {"corpus": procedural.generate_corpus, "chat": procedural.generate_chat,
+           "preferences": procedural.generate_preferences}[stream]
+    text = "\n".join(r["text"] for r in gen(300, N_FACTS, seed=0))
+    if stream != "corpus":
+        assert text.count("user: ") > 250
+        for templates in domain_facts.CHAT.values():  # the chat phrasings are used, beside the exercises'
+            assert sum(max(re.split(r"\{\w\}", t), key=len).strip().lower() in text.lower() for t in templates) >= 3
+    else:
+        assert text.count("Question: ") > 100 and text.count("\nAnswer: ") > 100
     for templates in domain_facts.QUIZ.values():
         for t in templates:
             frame = max(re.split(r"\{\w\}", t), key=len).strip()
@@ -131,11 +139,14 @@ def test_chat_and_preference_records_answer_the_facts():
             asked += 1
     assert asked > 300
     prefs = list(procedural.generate_preferences(300, N_FACTS, seed=0))
+    confused = 0  # rejected: another question's answer about the same subject, or a distractor of the same kind
     for r in prefs:
         (fid,) = r["provenance"]["facts"]
         assert r["chosen"] == f"{facts[fid].answer}." and r["rejected"] != r["chosen"]
+        confused += r["rejected"][:-1] in domain_facts.other_relations(facts[fid])
         assert r["prompt"][0]["role"] == "user" and facts[fid].subject.lower() in r["prompt"][0]["content"].lower()
     assert len({r["prompt"][0]["content"] for r in prefs}) > 150
+    assert 60 < confused < 240, confused
 
 
 def test_computed_answers_are_correct():

@@ -190,24 +190,28 @@ def test_dpo_loss_rewards_and_accuracy_equal_trl(tmp_path, loss):
     assert 0 < metrics["rewards/accuracies"] < 1 or metrics["rewards/margins"] != 0  # the check has teeth
 
 
+STEPS = 16  # half of the pairs reject the answer to another question about the same subject: harder
+
+
 def test_dpo_run_logs_rewards_and_learns_the_preference(prefs, tmp_path):
     root, _ = prefs
-    res = train(load_run_config(dpo_toml(root, tmp_path / "run", steps_tokens=10 * 8 * 96)))
+    res = train(load_run_config(dpo_toml(root, tmp_path / "run", steps_tokens=STEPS * 8 * 96)))
     run = tmp_path / "run"
     assert (run / "reference_logps.safetensors").is_file() and res.final_dir is not None
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in recs if r["kind"] == "train"]
-    assert len(train_recs) == 10
-    first, late = train_recs[0], train_recs[5:]
+    assert len(train_recs) == STEPS
+    first, late = train_recs[0], train_recs[-5:]
     # step 1 starts at the reference: every reward is 0 and the sigmoid loss is log 2
     assert first["rewards_chosen"] == pytest.approx(0, abs=1e-5) and first["loss"] == pytest.approx(0.693147, abs=1e-4)
-    assert all(r["rewards_margin"] > 0 for r in late) and sum(r["rewards_accuracy"] for r in late) / 5 > 0.6
+    # batches of 8 pairs are noisy: the last five steps' mean margin and accuracy, and held-out pairs below
+    assert sum(r["rewards_margin"] for r in late) / 5 > 0 and sum(r["rewards_accuracy"] for r in late) / 5 > 0.6
     assert {"rewards_rejected", "rewards_margin", "rewards_accuracy"} <= set(late[0])
     val = [r["val_loss"]["prefs"] for r in recs if r["kind"] == "val"]
-    assert len(val) == 5 and val[-1] < val[0] < 0.6932  # held-out pairs: the preference generalises
+    assert len(val) == STEPS // 2 and val[-1] < val[0] < 0.6932  # held-out pairs: the preference generalises
     # a frozen in-memory reference gives the same run, step for step
     mem = train(load_run_config(dpo_toml(root, tmp_path / "mem", extra='[dpo]\nreference = "model"\n',
-                                         steps_tokens=10 * 8 * 96)))  # fmt: skip
+                                         steps_tokens=STEPS * 8 * 96)))  # fmt: skip
     assert not (tmp_path / "mem" / "reference_logps.safetensors").exists()
     assert mem.final_loss == pytest.approx(res.final_loss, rel=1e-5)
     # the plot shows the rewards

@@ -4,6 +4,7 @@ start the run; contradicting fields are errors; a grown tokenizer grows the voca
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -115,3 +116,36 @@ def test_continue_training_a_checkpoint_and_resume(tmp_path):
     saved = json.loads((tmp_path / "second" / "config.json").read_text())
     assert saved["model"]["init_from"] == str((tmp_path / "first" / "final").resolve())
     assert main(["train", str(run), "--resume", "--no-progress"]) == 0  # its own checkpoint, not init_from
+
+
+def test_an_init_from_that_cannot_be_read_is_one_line_naming_it(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from effilm.cli import main
+
+    (tmp_path / "data").mkdir()
+    data = make_data(tmp_path / "data")
+    assert main(["train", str(write_run(data, tmp_path / "first")), "--no-progress"]) == 0
+    final = tmp_path / "first" / "final"
+    cases = {"badjson": ("config.json", "{not json", r"config\.json: not a valid model config"),
+             "noweights": ("model.safetensors", None, r"model\.safetensors: missing"),
+             "corrupt": ("model.safetensors", b"\0" * 64, r"model\.safetensors: checksum mismatch")}
+    for name, (file, content, match) in cases.items():
+        shutil.copytree(final, tmp_path / name)
+        if content is None:
+            (tmp_path / name / file).unlink()
+        elif isinstance(content, bytes):
+            (tmp_path / name / file).write_bytes(content)
+        else:
+            (tmp_path / name / file).write_text(content)
+        run = write_run(data, tmp_path / f"run-{name}", name=f"{name}.toml")
+        text = run.read_text().replace('preset = "tiny-dense"', f'init_from = "{tmp_path / name}"')
+        run.write_text("\n".join(line for line in text.splitlines() if "=" not in line or line.split("=")[0].strip()
+                                 not in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")))
+        p = subprocess.run([sys.executable, "-m", "effilm", "train", str(run), "--no-progress", "--train.max-steps=1"],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+        lines = [line for line in p.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and re.search(match, lines[0]) and name in lines[0], (name, p.stderr)

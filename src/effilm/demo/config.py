@@ -16,12 +16,16 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from effilm.config.reader import apply_overrides, build, load
+from effilm.config.run import DPO_LOSSES
 from effilm.errors import ConfigError
 
 MODEL_NAMES = ("dense-web", "dense-textbook", "arctic-textbook")
+# the post-training stage's three models, in order
+POSTTRAIN_LABELS = {"base": "base (textbook model)", "sft": "SFT", "dpo": "SFT + DPO"}
 # `effilm demo --quick`: the fields the CI setting changes
 QUICK = dict(num_facts=40, textbook_records=300, web_records=400, heldout_records=10, train_tokens=32_768,
-             vocab_size=512, warmup_steps=4, log_every=4, val_sequences=2)
+             vocab_size=512, warmup_steps=4, log_every=4, val_sequences=2, chat_records=300, preference_records=300,
+             sft_tokens=32_768, dpo_tokens=8_192)
 
 
 @dataclass
@@ -61,6 +65,17 @@ class DemoConfig:
     val_sequences: int = field(default=8, metadata={"help": "packed sequences per source held out for val loss"})
     log_every: int = field(default=10, metadata={"help": "steps between metrics records"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads for training and evaluation"})
+    # --- post-training (the textbook model: SFT on chat data, then DPO on preference pairs)
+    posttrain_from: str = field(default="dense-textbook", metadata={"help": "the model post-training starts from"})
+    chat_records: int = field(default=2000, metadata={"help": "chat conversations about the facts (exercise phrasings)"})
+    preference_records: int = field(default=2000, metadata={"help": "preference pairs: right answer vs a plausible wrong one"})
+    sft_tokens: int = field(default=524_288, metadata={"help": "SFT training tokens (packed conversations)"})
+    sft_lr: float = field(default=1e-3, metadata={"help": "SFT peak learning rate"})
+    dpo_tokens: int = field(default=65_536, metadata={"help": "DPO budget: steps = dpo_tokens / (global_batch * seq_len)"})
+    dpo_lr: float = field(default=1e-4, metadata={"help": "DPO peak learning rate"})
+    dpo_beta: float = field(default=0.5, metadata={"help": "DPO beta (strength of the pull towards the reference)"})
+    dpo_loss: str = field(default="sigmoid", metadata={"help": "DPO loss: sigmoid, ipo or hinge"})
+    chat_max_new_tokens: int = field(default=8, metadata={"help": "chat-form quiz: most tokens per greedy answer"})
     # --- evaluation
     eval_batch_size: int = field(default=32, metadata={"help": "rows per forward pass when scoring"})
     significance_z: float = field(default=2.0, metadata={"help": "a difference counts when it exceeds z standard errors"})
@@ -69,7 +84,8 @@ class DemoConfig:
     def __post_init__(self) -> None:
         for name in ("num_facts", "textbook_records", "web_records", "heldout_records", "quiz_questions_per_fact",
                      "decontam_window_words", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "num_experts", "seq_len",
-                     "global_batch", "train_tokens", "val_sequences", "log_every", "threads", "eval_batch_size"):
+                     "global_batch", "train_tokens", "val_sequences", "log_every", "threads", "eval_batch_size",
+                     "chat_records", "preference_records", "sft_tokens", "dpo_tokens", "chat_max_new_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"demo.{name}={v!r} must be a positive integer")
@@ -91,6 +107,14 @@ class DemoConfig:
             raise ConfigError(f"demo.decontam_confirm_threshold={self.decontam_confirm_threshold} must lie in (0, 1]")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ConfigError("demo.lr must be positive and demo.warmup_steps >= 0")
+        for name in ("sft_lr", "dpo_lr", "dpo_beta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+                raise ConfigError(f"demo.{name}={v!r} must be a positive number")
+        if self.posttrain_from not in MODEL_NAMES:
+            raise ConfigError(f"demo.posttrain_from={self.posttrain_from!r} must be one of {', '.join(MODEL_NAMES)}")
+        if self.dpo_loss not in DPO_LOSSES:
+            raise ConfigError(f"demo.dpo_loss={self.dpo_loss!r} must be one of {', '.join(DPO_LOSSES)}")
 
     @classmethod
     def quick(cls, overrides=()) -> DemoConfig:
@@ -131,6 +155,29 @@ class DemoConfig:
                     "moe": {"num_experts": self.num_experts, "top_k": self.ffn_mult - 1,
                             "expert_ffn_dim": self.d_model}}
         raise ConfigError(f"unknown demo model kind {kind!r}")
+
+    def posttrain_run_dict(self, kind: str, out_dir: str, init_from: str, data: str) -> dict:
+        """The run config of the SFT (``kind="sft"``, on chat shards) or DPO (``kind="dpo"``, on
+        preference shards) stage, starting from the model directory ``init_from``."""
+        if kind not in ("sft", "dpo"):
+            raise ConfigError(f"unknown post-training stage {kind!r}; choose sft or dpo")
+        tokens = self.sft_tokens if kind == "sft" else self.dpo_tokens
+        steps = max(1, -(-tokens // self.tokens_per_step))
+        d = {
+            "out_dir": out_dir,
+            "model": {"init_from": init_from},
+            "data": {"seq_len": self.seq_len, "seed": self.seed,
+                     "sources": [{"name": kind, "path": data, "val_sequences": self.val_sequences}],
+                     "stages": [{"name": kind, "tokens": steps * self.tokens_per_step, "mixture": {kind: 1.0}}]},
+            "optim": {"lr": self.sft_lr if kind == "sft" else self.dpo_lr,
+                      "warmup_steps": min(self.warmup_steps, max(1, steps // 10))},
+            "train": {"objective": kind, "global_batch": self.global_batch, "micro_batch": self.global_batch,
+                      "seed": self.seed, "device": "cpu", "log_every": max(1, min(self.log_every, steps // 8)),
+                      "eval_every": 0, "save_every": 0, "keep_last": 1, "threads": self.threads},
+        }
+        if kind == "dpo":
+            d["dpo"] = {"beta": self.dpo_beta, "loss": self.dpo_loss, "reference": "precomputed"}
+        return d
 
     def run_dict(self, name: str, out_dir: str, tokenizer: str, sources: dict[str, str]) -> dict:
         """The run config (``RunConfig.from_dict`` input) of demo model ``name`` (one of MODEL_NAMES)."""

@@ -22,6 +22,17 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _letter_verdict(ev: dict, chance: float, z: float) -> tuple[list[float], list[str], list[str]]:
+    """(share of each model's most-picked letter, the models that pick one letter >= 90% of the
+    time, the others clearly above chance). A model that answers one letter almost always scores
+    that letter's share of the answer key: above chance by the key's imbalance, not by knowledge."""
+    top = [max(ev[m]["predicted_letters"].values()) / max(sum(ev[m]["predicted_letters"].values()), 1) for m in ev]
+    fixed = [m for t, m in zip(top, ev) if t >= 0.9]
+    above = [m for m in ev if ev[m]["letter"]["acc"] - chance > z * (ev[m]["letter"]["stderr"] or 0.0)
+             and m not in fixed]
+    return top, fixed, above
+
+
 def build_notes(summary: dict, z: float, cloze_target: float) -> list[dict]:
     ev, tr = summary["evaluate"], summary["train"]
     chance = summary["synthesize"]["quiz"]["chance"]
@@ -63,12 +74,7 @@ def build_notes(summary: dict, z: float, cloze_target: float) -> list[dict]:
          f"It cost {ta['cpu_s'] / max(td['cpu_s'], 1e-9):.2f}x the dense model's CPU time to train here.")
 
     letters = [ev[m]["letter"]["acc"] for m in ev]
-    top = [max(ev[m]["predicted_letters"].values()) / max(sum(ev[m]["predicted_letters"].values()), 1) for m in ev]
-    # a model that answers one letter almost always scores that letter's share of the quiz's answer
-    # key: above chance by the key's imbalance, not by knowledge
-    fixed = [m for t, m in zip(top, ev) if t >= 0.9]
-    above = [m for a, m in zip(letters, ev)
-             if a - chance > z * (ev[m]["letter"]["stderr"] or 0.0) and m not in fixed]
+    top, fixed, above = _letter_verdict(ev, chance, z)
     if not above:
         verdict = (f"none clearly above chance ({_pct(chance)}) on merit: models this small have not learned to map "
                    "an answer to its letter, which is why cloze scoring (the answer text itself) is the measure at "
@@ -97,6 +103,10 @@ def build_notes(summary: dict, z: float, cloze_target: float) -> list[dict]:
          f"{sum(c['decontam']['after_cleaning']['contaminated'] for c in summary['clean']['corpora'].values())} quiz "
          "items after cleaning, so the quiz scores are not memorised test items.")
 
+    pt = summary.get("posttrain")
+    if pt:
+        _posttrain_notes(note, pt, chance, n_items, z)
+
     note("scale", None,
          "What this does not show: anything at real scale. These are models of about "
          f"{td['total_params'] / 1e6:.1f}M parameters trained for minutes on one CPU on {summary['synthesize']['facts']['count']} "
@@ -104,3 +114,35 @@ def build_notes(summary: dict, z: float, cloze_target: float) -> list[dict]:
          "and transfer of the question form, not general knowledge or reasoning. One seed per run: the spread across "
          "seeds is measured by the slow test (three seeds), not by this run.")
     return notes
+
+
+def _posttrain_notes(note, pt: dict, chance: float, n_items: int, z: float) -> None:
+    """Chat-form quiz before and after post-training, and whether letter scoring moved."""
+    from effilm.demo.config import POSTTRAIN_LABELS as LABELS
+
+    ev = pt["evaluate"]
+    em = {m: ev[m]["chat_exact_match"] for m in ev}
+    d, se, sig = _diff(em["dpo"], em["base"], z)
+    ds, _, ssig = _diff(em["sft"], em["base"], z)
+    dd, dse, dsig = _diff(em["dpo"], em["sft"], z)
+    text = (f"Post-training and the chat form: asked the {n_items} quiz questions as free-form chat turns (greedy, "
+            f"exact match after normalising), the textbook model answers {_pct(em['base']['acc'])}, after SFT "
+            f"{_pct(em['sft']['acc'])}, after SFT + DPO {_pct(em['dpo']['acc'])} "
+            f"({'a real gain' if sig and d > 0 else 'no clear gain'} over the base model). The chat data asks about "
+            "the same facts in exercise phrasings only (quiz items found in it: "
+            f"{pt['data']['chat']['contaminated'] + pt['data']['preferences']['contaminated']}). DPO's change over SFT "
+            f"is {100 * dd:+.1f} points (standard error {100 * dse:.1f}: "
+            f"{'a real gain' if dsig and dd > 0 else 'a real loss' if dsig else 'within noise'})")
+    if ssig and ds > 0 and not dsig:
+        text += ("; SFT already taught the model to give the answers it knew (see cloze) as a chat turn, which "
+                 "leaves DPO, on pairs about the same facts, little to add")
+    note("posttrain_chat", sig and d > 0, text + ".")
+    top, fixed, above = _letter_verdict(ev, chance, z)
+    verdict = (f"moves {', '.join(LABELS[m] for m in above)} clearly above chance" if above
+               else "does not move letter scoring clearly above chance on merit")
+    if fixed:
+        verdict += f" ({', '.join(LABELS[m] for m in fixed)} answer one letter at least 90% of the time)"
+    note("posttrain_letter", bool(above),
+         f"Letter scoring (A-D) of the same three models: {', '.join(_pct(ev[m]['letter']['acc']) for m in ev)} "
+         f"(base, SFT, SFT + DPO) against {_pct(chance)} chance: post-training {verdict}; the chat data never shows "
+         "lettered choices.")

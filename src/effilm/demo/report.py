@@ -37,7 +37,62 @@ def _plots(summary: dict, plot_dir: Path) -> dict[str, Path]:
         paths = plot_run(tr[n]["run_dir"], plot_dir / n)
         for p in paths:
             out[f"{n}/{p.stem}"] = p
+    for kind, run in ((summary.get("posttrain") or {}).get("runs") or {}).items():
+        for p in plot_run(run["run_dir"], plot_dir / kind):
+            out[f"{kind}/{p.stem}"] = p
     return out
+
+
+def _posttrain_section(pt: dict, plots: dict[str, Path], chance: float) -> dict:
+    from effilm.demo.config import POSTTRAIN_LABELS as PT_LABELS
+
+    ev, runs, data = pt["evaluate"], pt["runs"], pt["data"]
+    rows = [[PT_LABELS[m], _acc(e["chat_exact_match"]), _acc(e["letter"]), _pct(chance),
+             ", ".join(f"{k}: {v}" for k, v in e["predicted_letters"].items())] for m, e in ev.items()]
+    sft, dpo = runs["sft"], runs["dpo"]
+    last = dpo.get("last") or {}
+    blocks = [
+        f"The {pt['from']} model, fine-tuned with SFT on {data['chat']['records']} chat conversations about its facts "
+        f"({data['chat']['tokens']:,} tokens; the loss over the assistant's tokens only; {sft['steps']} steps, loss "
+        f"{sft['first_loss']:.3f} → {sft['final_loss']:.3f}), then with DPO (loss {dpo['dpo']['loss']}, beta "
+        f"{dpo['dpo']['beta']}, reference log-probabilities computed once before training) on "
+        f"{data['preferences']['records']} pairs of a right answer against a plausible wrong one ({dpo['steps']} steps, "
+        f"loss {dpo['first_loss']:.3f} → {dpo['final_loss']:.3f}). The conversations use the exercises' phrasings, "
+        f"never the quiz's: decontamination finds {data['chat']['contaminated']} quiz items in the chat data and "
+        f"{data['preferences']['contaminated']} in the pairs.",
+        {"table": {"headers": ["model", "chat-form quiz (exact match)", "quiz letter", "chance (letter)", "letters picked"],
+                   "rows": rows,
+                   "caption": "The quiz asked as free-form chat questions through the chat template, answered greedily "
+                              "and scored by exact match after normalising case, punctuation and articles "
+                              "(`effilm eval MODEL --task chat:quiz.jsonl`); letter scoring as in section 3."}},
+    ]
+    if last:
+        blocks.append(f"At the last DPO step: reward of the chosen answers {last['rewards_chosen']:.3f}, of the "
+                      f"rejected {last['rewards_rejected']:.3f}, margin {last['rewards_margin']:.3f}, preference "
+                      f"accuracy {_pct(last['rewards_accuracy'])}.")
+    for key, caption in (("sft/loss", "SFT: training loss (assistant tokens only)."),
+                         ("dpo/rewards", "DPO: rewards of the chosen and rejected answers, their margin and the "
+                                         "preference accuracy over training.")):
+        if key in plots:
+            blocks.append({"image": {"path": str(plots[key]), "caption": caption}})
+    ex = ev["dpo"]["chat_examples"]
+    blocks.append({"table": {"headers": ["question", "expected", "SFT + DPO answer", "exact match"],
+                             "rows": [[e["question"], e["answers"][0], e["output"], "yes" if e["correct"] else "no"]
+                                      for e in ex],
+                             "caption": "The first chat-form quiz questions, answered by the post-trained model."}})
+    tr = pt.get("transcript") or {}
+    if tr.get("status") == "done":
+        rows = []
+        for turn in tr["turns"]:
+            rows += [["user", turn["messages"][-1]["content"]],
+                     ["assistant", f"{turn['reply']} (finish: {turn['finish_reason']}; expected: {turn['expected']})"]]
+        blocks += [f"`effilm serve` with the SFT + DPO model, asked through the official OpenAI client "
+                   f"({tr['client']}): `client.chat.completions.create(model=\"{tr['model']}\", messages=[...], "
+                   f"max_tokens={tr['request']['max_tokens']}, temperature=0)` against `{tr['url']}`:",
+                   {"table": {"headers": ["role", "message"], "rows": rows, "caption": "Transcript of the chat endpoint."}}]
+    else:
+        blocks.append(f"The serve transcript was skipped: missing {', '.join(tr.get('missing', []))}.")
+    return {"title": "4. Post-training: the chat model", "blocks": blocks}
 
 
 def _model_configs(summary: dict) -> list[dict]:
@@ -110,6 +165,10 @@ def build_report(summary: dict, plots: dict[str, Path]) -> dict:
         {"table": {"headers": ["model", "letters picked"], "rows": letters}},
     ]})
 
+    pt = summary.get("posttrain")
+    if pt:
+        sections.append(_posttrain_section(pt, plots, chance))
+
     sh = summary.get("ship") or {}
     if sh.get("status") == "done":
         qrows = [["fp32", f"{sh['fp32']['weight_bytes'] / 2**20:.2f} MiB", round(sh["fp32"]["ppl"], 3), "–",
@@ -119,7 +178,7 @@ def build_report(summary: dict, plots: dict[str, Path]) -> dict:
                           f"{r['greedy_agreement']:.3f}", _pct(r["cloze_acc"]), f"{r['max_layer_error']:.2e}"])
         gens = [[g["question"], g["answer"], g["greedy"], g["sampled"]] for g in sh["generations"]]
         ex = sh["exports"]
-        sections.append({"title": f"4. Ship: {sh['model']}", "blocks": [
+        sections.append({"title": f"5. Ship: {sh['model']}", "blocks": [
             {"table": {"headers": ["weights", "size", "held-out perplexity", "greedy agreement with fp32", "quiz cloze",
                                    "largest per-layer error"], "rows": qrows,
                        "caption": "Weight-only quantization of attention, MLP and expert weights; embeddings, LM head, "
@@ -131,14 +190,14 @@ def build_report(summary: dict, plots: dict[str, Path]) -> dict:
                        "caption": "Quiz questions answered by the generation engine."}},
         ]})
 
-    sections.append({"title": "5. Cost: the demo models beside the real ones", "blocks": [
+    sections.append({"title": "6. Cost: the demo models beside the real ones", "blocks": [
         {"table": model_cost_table(_model_configs(summary) + list(REAL_PRESETS), COST_SEQ_LEN)},
         "The same accounting gives Arctic's 17.3B active of 478.6B total parameters: the hybrid's promise is the "
         "active column, which is what each token pays for.",
     ]})
 
     notes = summary.get("notes", [])
-    sections.append({"title": "6. What the numbers say", "blocks": [
+    sections.append({"title": "7. What the numbers say", "blocks": [
         {"text": "\n".join(f"- {'**yes**' if n['shows'] else '**no**' if n['shows'] is False else '–'}: {n['text']}"
                            for n in notes)}]})
 

@@ -15,9 +15,13 @@ Stages (each prints its progress and its wall and CPU time):
    hybrid in the same two stages, same active parameters, many more in total);
 5. **evaluate**: quiz accuracy by letter and cloze scoring against chance, bits per byte on the
    held-out text, and the contamination status of each model's training data beside its scores;
-6. **ship**: the best model quantized to int8 and int4 (RTN, and GPTQ in the full demo) with the
+6. **posttrain**: the textbook model fine-tuned with SFT on chat conversations about its facts,
+   then with DPO on preference pairs (right answer vs a plausible wrong one); base, SFT and
+   SFT+DPO asked the quiz as free-form chat questions (exact match) and by letter scoring, and the
+   SFT+DPO model served by ``effilm serve`` answering two quiz questions through the ``openai`` client;
+7. **ship**: the best model quantized to int8 and int4 (RTN, and GPTQ in the full demo) with the
    quality delta, exported to HF and GGUF, and answering quiz questions greedy and sampled;
-7. **report**: ``DIR/report.html`` (self-contained) and ``DIR/report.md`` with the plots.
+8. **report**: ``DIR/report.html`` (self-contained) and ``DIR/report.md`` with the plots.
 
 ``DIR/summary.json`` (schema version ``SCHEMA_VERSION``)::
 
@@ -27,6 +31,7 @@ Stages (each prints its progress and its wall and CPU time):
       "timings": {stage: {"wall_s": float, "cpu_s": float}},     # stages above + "total"
       "costs": {preset: effilm.config.cost.cost_summary(...)},   # real presets, for comparison
       "synthesize": {"paths": {textbook, web, heldout_textbook, heldout_web, quiz},
+                     "posttrain": {chat|preferences: {"path", "records"}},
                      "facts": {"count", "by_relation"}, "textbook_domains": [str],
                      "corpora": {name: {"path", "documents", "chars", "words"}},
                      "quiz": {"path", "items", "subjects", "choices", "chance"}},
@@ -51,6 +56,15 @@ Stages (each prints its progress and its wall and CPU time):
                            "predicted_letters": {letter: count}, "bits_per_byte": {heldout_textbook, heldout_web},
                            "contamination": {"contaminated", "items", "contaminated_ids", "clean_acc"},
                            "reports": {scoring: eval report path}}},
+      "posttrain": {"from": model, "data": {chat|preferences: {"path", "source", "records", "tokens",
+                                                               "contaminated", "contaminated_ids"}},
+                    "runs": {sft|dpo: {"run_dir", "config", "final_dir", "init_from", "steps", "tokens",
+                                       "final_loss", "first_loss", "val_loss", "wall_s", "cpu_s"
+                                       (dpo: + "dpo": {beta, loss, reference}, "last": {rewards_*})}},
+                    "evaluate": {base|sft|dpo: {"model_dir", "chance", "chat_exact_match": {"acc", "stderr", "n",
+                                 "average"}, "letter": {...}, "predicted_letters", "chat_examples", "reports"}},
+                    "transcript": {"status", "url", "model", "client", "request", "turns": [{"messages", "reply",
+                                   "finish_reason", "expected"}], "server_exit"}},
       "ship": {"status": "done", "model", "source", "fp32": {"weight_bytes", "ppl", "cloze_acc"},
                "quantized": [effilm.quant.report.build_report(...) + {"variant", "path", "cloze_acc",
                                                                        "cloze_acc_fp32", "max_layer_error"}],
@@ -65,7 +79,6 @@ Models: ``dense-web``, ``dense-textbook``, ``arctic-textbook``. Paths are absolu
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from contextlib import contextmanager
@@ -74,27 +87,11 @@ from pathlib import Path
 from effilm.config.presets import COST_SEQ_LEN, REAL_PRESETS
 from effilm.config.reader import load
 from effilm.demo.config import DemoConfig
+from effilm.demo.extras import REPORT_MODULES, SHIP_MODULES, missing_modules
 from effilm.io import atomic_write_json
 
 SCHEMA_VERSION = 1
-STAGES = ("synthesize", "clean", "tokenize", "train", "evaluate", "ship", "report")
-# The optional packages (pyproject extras) each late stage needs; without them the stage is skipped
-# and says so, and the rest of the demo still runs on the core install.
-SHIP_MODULES = ("gguf",)  # the [gguf] extra: the GGUF export
-REPORT_MODULES = ("matplotlib",)  # the [plots] extra: the report's plots
-
-
-def missing_modules(names) -> list[str]:
-    """The modules among ``names`` that are not importable (checked without importing them)."""
-    out = []
-    for n in names:
-        try:
-            found = importlib.util.find_spec(n) is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
-            out.append(n)
-    return out
+STAGES = ("synthesize", "clean", "tokenize", "train", "evaluate", "posttrain", "ship", "report")
 
 
 @contextmanager
@@ -153,6 +150,7 @@ def run_pipeline(cfg: DemoConfig, out_dir: Path, quick: bool = False) -> dict:
     from effilm.config import ModelConfig
     from effilm.config.cost import cost_summary
     from effilm.demo.notes import build_notes
+    from effilm.demo.posttrain import posttrain
     from effilm.demo.stages import clean, synthesize, tokenize
     from effilm.demo.train import evaluate_models, train_models
 
@@ -186,6 +184,8 @@ def run_pipeline(cfg: DemoConfig, out_dir: Path, quick: bool = False) -> dict:
         summary["train"] = train_models(cfg, t, out_dir / "runs")
     with stage("evaluate", timings):
         summary["evaluate"] = evaluate_models(cfg, s, c, summary["train"], out_dir / "eval")
+    with stage("posttrain", timings):
+        summary["posttrain"] = posttrain(cfg, summary, out_dir / "posttrain")
     summary["notes"] = build_notes(summary, cfg.significance_z, cfg.cloze_target)
     with stage("ship", timings):
         summary["ship"] = ship(summary, out_dir, cfg, quick)

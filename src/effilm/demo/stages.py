@@ -62,10 +62,17 @@ def synthesize(cfg: DemoConfig, out: Path) -> dict:
     write_jsonl(paths["heldout_web"], P.generate_web_corpus(n_held, cfg.num_facts, cfg.seed, start=n_web, cfg=pcfg))
     quiz = P.generate_quiz(cfg.num_facts, cfg.seed, cfg.quiz_questions_per_fact)
     write_jsonl(paths["quiz"], quiz)
+    # post-training data: chat turns and preference pairs about the same facts, in exercise phrasings
+    posttrain = {"chat": out / "chat.jsonl", "preferences": out / "preferences.jsonl"}
+    n_chat = write_jsonl(posttrain["chat"], P.generate_chat(cfg.chat_records, cfg.num_facts, cfg.seed, cfg=pcfg))
+    n_pref = write_jsonl(posttrain["preferences"],
+                         P.generate_preferences(cfg.preference_records, cfg.num_facts, cfg.seed, cfg=pcfg))
     facts = P.select_facts(cfg.num_facts, cfg.seed)
     stats = {k: corpus_stats(v) for k, v in paths.items() if k != "quiz"}
     return {
         "paths": {k: str(v) for k, v in paths.items()},
+        "posttrain": {"chat": {"path": str(posttrain["chat"]), "records": n_chat},
+                      "preferences": {"path": str(posttrain["preferences"]), "records": n_pref}},
         "facts": {"count": len(facts), "by_relation": dict(Counter(f.relation for f in facts))},
         "textbook_domains": pcfg.domains,
         "corpora": stats,

@@ -19,7 +19,7 @@ from effilm.demo.config import MODEL_NAMES, DemoConfig
 from effilm.io import atomic_write_json
 
 
-def _curves(run_dir: Path) -> tuple[list[dict], dict]:
+def curves(run_dir: Path) -> tuple[list[dict], dict]:
     """The training loss curve ``[{step, tokens, stage, loss}]`` and the last validation losses,
     read by the one metrics reader (:mod:`effilm.reports.metrics`, which keeps a resumed run's
     latest record of every step)."""
@@ -52,7 +52,7 @@ def train_models(cfg: DemoConfig, tok: dict, out: Path, log=print) -> dict:
         w0, c0 = time.perf_counter(), time.process_time()
         res = train(rc)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-        curve, val_loss = _curves(run_dir)
+        curve, val_loss = curves(run_dir)
         results[name] = {
             "run_dir": str(run_dir), "config": str(out / f"{name}.json"), "final_dir": str(res.final_dir),
             "preset": d["model"]["preset"], "steps": res.steps, "tokens": res.tokens,
@@ -68,7 +68,7 @@ def train_models(cfg: DemoConfig, tok: dict, out: Path, log=print) -> dict:
     return results
 
 
-def _accuracy(entry: dict, metric: str) -> dict:
+def accuracy(entry: dict, metric: str) -> dict:
     o = entry["overall"][metric]
     return {"acc": o["micro"], "stderr": o["micro_stderr"], "n": o["n"], "average": "micro"}
 
@@ -99,9 +99,9 @@ def evaluate_models(cfg: DemoConfig, synth: dict, cleaned: dict, trained: dict, 
             rep = run_evaluation(model, tokenizer, tasks, ecfg, corpus_report=corpus_report, model_path=tr["final_dir"])
             atomic_write_json(out / f"{name}-{scoring}.json", rep)
             q = rep["tasks"][0]
-            entry[scoring] = _accuracy(q, "acc")
+            entry[scoring] = accuracy(q, "acc")
             if scoring == "cloze":
-                entry["cloze_norm"] = _accuracy(q, "acc_norm")
+                entry["cloze_norm"] = accuracy(q, "acc_norm")
                 entry["bits_per_byte"] = {t["name"]: t["perplexity"]["bits_per_byte"] for t in rep["tasks"][1:]}
             else:
                 preds = [r["prediction"] for r in q["items"]]

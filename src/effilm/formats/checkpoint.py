@@ -160,8 +160,9 @@ def load_effilm(path: Path, meta: dict, device=None, dtype=None, verify: bool = 
     except (ConfigError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{path}/config.json: bad model config: {exc}") from None
     if verify and WEIGHTS in meta.get("checksums", {}):
-        actual = sha256_file(path / WEIGHTS) if (path / WEIGHTS).is_file() else None
-        if actual != meta["checksums"][WEIGHTS]:
+        if not (path / WEIGHTS).is_file():
+            raise CheckpointError(f"{path}/{WEIGHTS}: missing (the checkpoint's config.json lists it)")
+        if sha256_file(path / WEIGHTS) != meta["checksums"][WEIGHTS]:
             raise CheckpointError(f"{path}/{WEIGHTS}: checksum mismatch (file corrupt or replaced)")
     if meta.get("quantization"):  # weight-only quantized checkpoint (effilm.models.quantized)
         model = build_quantized(cfg, meta["quantization"], device=device)

@@ -4,6 +4,7 @@ Each relation has three disjoint sets of phrasings:
 
 * ``STATEMENTS``: declarative sentences used in the textbook and web corpora;
 * ``EXERCISES``: question phrasings the corpus uses to teach the question-and-answer form;
+* ``CHAT``: further, conversational phrasings of the chat data (post-training), beside the exercises';
 * ``QUIZ``: question phrasings used *only* by the held-out quiz.
 
 A test checks by n-gram overlap that no quiz item's text appears in the generated corpora.
@@ -109,6 +110,22 @@ EXERCISES: dict[str, list[str]] = {
                "How many protons does {s} have?"],
 }
 
+# How users ask in the chat data (with EXERCISES): conversational, varied, never a quiz phrasing
+CHAT: dict[str, list[str]] = {
+    "capital": ["Tell me the capital of {s}.", "Do you know the capital of {s}?", "What city is {s}'s capital?",
+                "I'm writing about {s}. What is its capital?", "Quick one: capital of {s}?",
+                "Where is the seat of government of {s}?"],
+    "continent": ["Tell me which continent {s} is on.", "What continent is {s} part of?",
+                  "I'm looking at a map. Where is {s}, continent-wise?", "Quick one: continent of {s}?",
+                  "Do you know what continent {s} belongs to?", "{S}: which continent?"],
+    "symbol": ["Tell me the chemical symbol of {s}.", "What do chemists write for {s}?",
+               "What's the element symbol for {s}?", "Quick one: symbol of {s}?",
+               "I'm balancing an equation. How do I write {s}?", "Do you know the periodic-table symbol of {s}?"],
+    "number": ["Tell me the atomic number of {s}.", "How many protons are in an atom of {s}?",
+               "What's the atomic number for {s}?", "Quick one: atomic number of {s}?",
+               "Where does {s} sit in the periodic table, by number?", "Do you know {s}'s atomic number?"],
+}
+
 QUIZ: dict[str, list[str]] = {
     "capital": ["Which of these cities is the capital of {s}?",
                 "Choose the city that serves as the capital of {s}."],
@@ -150,6 +167,11 @@ def exercise_question(rng: random.Random, f: Fact) -> str:
     return _fill(rng.choice(EXERCISES[f.relation]), f)
 
 
+def chat_question(rng: random.Random, f: Fact) -> str:
+    """A user's question in the chat data: an exercise or a conversational phrasing."""
+    return _fill(rng.choice(EXERCISES[f.relation] + CHAT[f.relation]), f)
+
+
 def web_statement(rng: random.Random, f: Fact) -> str:
     return _fill(rng.choice(WEB_STATEMENTS[f.relation]), f)
 
@@ -157,6 +179,14 @@ def web_statement(rng: random.Random, f: Fact) -> str:
 def quiz_question(template_index: int, f: Fact) -> str:
     templates = QUIZ[f.relation]
     return _fill(templates[template_index % len(templates)], f)
+
+
+def other_relations(f: Fact) -> list[str]:
+    """The answers to the other questions about ``f``'s subject (its atomic number when asked
+    for its symbol, its capital when asked for its continent): the wrong answer of a model that
+    knows the subject but confuses the question."""
+    return sorted({g.answer for g in fact_universe() if g.subject == f.subject and g.relation != f.relation
+                   and g.answer != f.answer})
 
 
 def distractors(rng: random.Random, f: Fact, k: int = 3) -> list[str]:

@@ -160,12 +160,12 @@ SYSTEM_PROMPTS = ["Answer with just the answer.", "You are a helpful tutor. Answ
 
 
 def _question(rng: random.Random, facts: list[F.Fact], domains: list[str]) -> tuple[str, str, str | None]:
-    """``(question, answer, fact id or None)``: a table fact asked in an exercise phrasing (never a
-    quiz phrasing), or a computed problem."""
+    """``(question, answer, fact id or None)``: a table fact asked in an exercise or chat phrasing
+    (never a quiz phrasing), or a computed problem."""
     computed = [d for d in domains if d != "facts"]
     if "facts" in domains and (not computed or rng.random() < 0.75):
         f = rng.choice(facts)
-        return F.exercise_question(rng, f), f.answer, f.id
+        return F.chat_question(rng, f), f.answer, f.id
     p = COMPUTED[rng.choice(computed)](rng)
     return p.question, str(p.answer), None
 
@@ -194,12 +194,15 @@ def chat_record(index: int, *, seed: int, facts: list[F.Fact], cfg: ProceduralCo
 
 
 def preference_record(index: int, *, seed: int, facts: list[F.Fact], cfg: ProceduralConfig) -> dict:
-    """Preference record ``index``: a table-fact question (exercise phrasing), the right answer as
-    ``chosen`` and a plausible wrong one (the quiz's kind of distractor) as ``rejected``."""
+    """Preference record ``index``: a table-fact question (exercise or chat phrasing), the right answer as
+    ``chosen`` and a plausible wrong one as ``rejected``: half the time (where there is one) the
+    answer to another question about the same subject (its atomic number when asked for its
+    symbol), otherwise the quiz's kind of distractor."""
     rng = random.Random(f"prefs:{seed}:{index}")
     f = rng.choice(facts)
-    prompt = [{"role": "user", "content": F.exercise_question(rng, f)}]
-    wrong = F.distractors(rng, f, 1)[0]
+    prompt = [{"role": "user", "content": F.chat_question(rng, f)}]
+    confusions = F.other_relations(f)
+    wrong = rng.choice(confusions) if confusions and rng.random() < 0.5 else F.distractors(rng, f, 1)[0]
     rec = make_record(
         f"prefs-{seed}-{index:09d}", _transcript(prompt), backend="procedural", model=None, prompt="procedural:prefs",
         topic="prefs", audience="chat", style="chat", kind="preference", injected_words=[], seed=seed, sampling={},
