@@ -82,3 +82,24 @@ def test_model_forward_with_targets_equals_logits_then_loss(name):
             torch.testing.assert_close(fused[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
     with pytest.raises(ValueError, match="targets must have the shape"):
         model(inp, targets=tgt[:, :-1])
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe"])
+def test_logits_at_gives_the_selected_positions_logits_and_gradients(name):
+    cfg = ModelConfig.from_name(name)
+    model = build_model(cfg, seed=0).train()
+    ids = torch.randint(0, cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(3))
+    at = torch.rand(3, 12, generator=torch.Generator().manual_seed(4)) < 0.3
+    out = model(ids, logits_at=at)
+    assert out.logits.shape == (int(at.sum()), cfg.vocab_size)
+    out.logits.float().logsumexp(-1).sum().backward()
+    picked = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    full = model(ids).logits
+    torch.testing.assert_close(out.logits, full[at], rtol=1e-5, atol=1e-5)
+    full[at].float().logsumexp(-1).sum().backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(picked[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    with pytest.raises(ValueError, match="logits_at must be a bool tensor"):
+        model(ids, logits_at=at[:, :-1])

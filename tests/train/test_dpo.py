@@ -50,11 +50,12 @@ def prefs(tmp_path_factory):
     return root, recs
 
 
-def dpo_toml(root: Path, out: Path, extra: str = "", steps_tokens: int = 1536, micro: int = 4) -> Path:
+def dpo_toml(root: Path, out: Path, extra: str = "", steps_tokens: int = 1536, micro: int = 4,
+             model: str = "dense") -> Path:
     text = f"""out_dir = "{out}"
 tokenizer = "{root / 'tok'}"
 [model]
-{MODELS['dense']}
+{MODELS[model]}
 [data]
 seq_len = 96
 seed = 5
@@ -259,3 +260,17 @@ def test_dpo_resume_after_sigkill_is_bitwise_identical(prefs, tmp_path, loss):
     assert out.returncode == 0, out.stderr
     a, b = load_file(str(ref.final_dir / "model.safetensors")), load_file(str(run / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dpo_on_an_moe_model_logs_and_plots_the_auxiliary_loss(prefs, tmp_path):
+    from effilm.cli import main
+
+    root, _ = prefs
+    train(load_run_config(dpo_toml(root, tmp_path / "moe", model="arctic", steps_tokens=4 * 8 * 96)))
+    recs = [json.loads(x) for x in (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["kind"] == "train"]
+    assert len(steps) == 4 and all(r["aux_loss"] > 0 and r["rewards_accuracy"] is not None for r in steps)
+    assert all(len(r["expert_load"]) == len(r["moe_layers"]) > 0 for r in steps)
+    assert main(["plot", str(tmp_path / "moe")]) == 0
+    plots = {p.name for p in (tmp_path / "moe" / "plots").iterdir()}
+    assert {"loss.png", "rewards.png", "expert_load.png"} <= plots

@@ -129,7 +129,7 @@ def _posttrain_notes(note, pt: dict, chance: float, n_items: int, z: float) -> N
             f"exact match after normalising), the textbook model answers {_pct(em['base']['acc'])}, after SFT "
             f"{_pct(em['sft']['acc'])}, after SFT + DPO {_pct(em['dpo']['acc'])} "
             f"({'a real gain' if sig and d > 0 else 'no clear gain'} over the base model). The chat data asks about "
-            "the same facts in exercise phrasings only (quiz items found in it: "
+            "the same facts in exercise and conversational phrasings, never the quiz's (quiz items found in it: "
             f"{pt['data']['chat']['contaminated'] + pt['data']['preferences']['contaminated']}). DPO's change over SFT "
             f"is {100 * dd:+.1f} points (standard error {100 * dse:.1f}: "
             f"{'a real gain' if dsig and dd > 0 else 'a real loss' if dsig else 'within noise'})")

@@ -57,8 +57,8 @@ def _posttrain_section(pt: dict, plots: dict[str, Path], chance: float) -> dict:
         f"{sft['first_loss']:.3f} → {sft['final_loss']:.3f}), then with DPO (loss {dpo['dpo']['loss']}, beta "
         f"{dpo['dpo']['beta']}, reference log-probabilities computed once before training) on "
         f"{data['preferences']['records']} pairs of a right answer against a plausible wrong one ({dpo['steps']} steps, "
-        f"loss {dpo['first_loss']:.3f} → {dpo['final_loss']:.3f}). The conversations use the exercises' phrasings, "
-        f"never the quiz's: decontamination finds {data['chat']['contaminated']} quiz items in the chat data and "
+        f"loss {dpo['first_loss']:.3f} → {dpo['final_loss']:.3f}). The conversations ask in the exercises' and in "
+        f"conversational phrasings, never the quiz's: decontamination finds {data['chat']['contaminated']} quiz items in the chat data and "
         f"{data['preferences']['contaminated']} in the pairs.",
         {"table": {"headers": ["model", "chat-form quiz (exact match)", "quiz letter", "chance (letter)", "letters picked"],
                    "rows": rows,

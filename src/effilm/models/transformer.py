@@ -204,7 +204,7 @@ class Block(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor | None  # None when forward was given targets
+    logits: torch.Tensor | None  # None when forward was given targets; [N, V] with logits_at
     aux_loss: torch.Tensor | None = None  # mean over MoE layers of the load-balancing loss
     z_loss: torch.Tensor | None = None  # mean over MoE layers of the router z-loss
     moe_loss: torch.Tensor | None = None  # aux_loss_coef * aux_loss + z_loss_coef * z_loss
@@ -242,6 +242,7 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         ignore_index: int = -100,
+        logits_at: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits for ``input_ids`` [B, T].
 
@@ -251,7 +252,9 @@ class Transformer(nn.Module):
         given, attention stays within each document (packed training sequences). targets: [B, T]
         next-token ids; when given, the output holds ``ce_sum`` (the summed cross-entropy, fp32,
         ``ignore_index`` rows excluded) instead of logits, computed without materialising them
-        (``effilm.models.fused_ce``).
+        (``effilm.models.fused_ce``). logits_at: [B, T] bool; when given, ``logits`` holds only
+        those positions' logits, [N, V] in row-major order (DPO needs the answers' few tokens, not
+        every position's vocabulary).
         """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an integer tensor [B, T], got {tuple(input_ids.shape)} {input_ids.dtype}")
@@ -277,6 +280,10 @@ class Transformer(nn.Module):
                 raise ValueError(f"targets must have the shape of input_ids {(B, T)}, got {tuple(targets.shape)}")
             ce = linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, targets, ignore_index)
             out = ModelOutput(logits=None, routing=routing, ce_sum=ce)
+        elif logits_at is not None:
+            if logits_at.shape != (B, T) or logits_at.dtype != torch.bool:
+                raise ValueError(f"logits_at must be a bool tensor of shape {(B, T)}, got {tuple(logits_at.shape)}")
+            out = ModelOutput(logits=self.lm_head(self.norm(x)[logits_at]), routing=routing)
         else:
             out = ModelOutput(logits=self.lm_head(self.norm(x)), routing=routing)
         if routing:

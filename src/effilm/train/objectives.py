@@ -153,15 +153,16 @@ class SupervisedFineTuning(LanguageModeling):
 
 def sequence_logps(model, tokens: torch.Tensor, loss_mask: torch.Tensor, device, amp) -> tuple[torch.Tensor, list]:
     """Each row's summed log-probability of its masked-in next tokens (fp32), and the MoE routing
-    statistics. Rows are right-padded; the mask is 0 on the padding."""
+    statistics. Rows are right-padded; the mask is 0 on the padding. Only the masked-in positions'
+    logits are formed (``logits_at``): [answer tokens, V], not [rows, T, V]."""
     tokens = tokens.to(device)
-    keep = loss_mask.to(device)[:, 1:].to(torch.float32)
+    keep = loss_mask.to(device)[:, 1:].bool()
     with autocast(device, amp):
-        out = model(tokens[:, :-1])
+        out = model(tokens[:, :-1], logits_at=keep)
     logits = out.logits.float()
-    target = logits.gather(-1, tokens[:, 1:, None])[..., 0]
-    logp = target - torch.logsumexp(logits, dim=-1)
-    return (logp * keep).sum(dim=1), out.routing
+    logp = logits.gather(-1, tokens[:, 1:][keep][:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    per_token = torch.zeros(keep.shape, device=device, dtype=torch.float32).masked_scatter(keep, logp)
+    return per_token.sum(dim=1), out.routing  # a dense sum: deterministic on every device (index_add is not on CUDA)
 
 
 class DirectPreference:
