@@ -95,8 +95,10 @@ def test_quick_planted_leaks_found_exactly(quick):
     for p in pl["planted"]:
         assert p["text"].lower() in copy and p["text"].lower() not in cleaned
     assert any(p["text"].isupper() for p in pl["planted"])
-    # the default confirmation threshold finds the planted items too (plus template-mates, recorded)
-    assert not pl["at_default_threshold"]["missed"]
+    assert pl["confirm_threshold"] == 0.5 and pl["window_words"] == 0 and pl["slot_words"] == 3  # the defaults
+    # the matched fraction alone finds the planted items and confirms template-mates too (recorded)
+    without = pl["without_distinguishing_words"]
+    assert not without["missed"] and without["false_positives"] and not without["exact"]
 
 
 def test_quick_models_equal_budgets_and_active_params(quick):
@@ -288,7 +290,7 @@ def _fake_summary(tb: float, web: float, ar: float, se: float = 0.04) -> dict:
         return {"tokens": 1000, "active_params": 100, "total_params": total, "cpu_s": 10.0}
 
     leak = {"planted": [1, 2], "found_items": ["a", "b"], "missed": [], "false_positives": [], "exact": True,
-            "confirm_threshold": 1.0, "window_words": 2, "at_default_threshold": {"confirm_threshold": 0.5, "false_positives": ["c"]}}
+            "confirm_threshold": 0.5, "window_words": 0, "without_distinguishing_words": {"false_positives": ["c"]}}
     return {"evaluate": {"dense-web": ev(web), "dense-textbook": ev(tb), "arctic-textbook": ev(ar)},
             "train": {"dense-web": tr(100), "dense-textbook": tr(100), "arctic-textbook": tr(400)},
             "synthesize": {"quiz": {"chance": 0.25, "items": 100}, "facts": {"count": 100}},

@@ -221,3 +221,50 @@ def test_a_long_document_is_scanned_in_pieces_with_the_same_findings(tmp_path, m
     for s, e in spans["biology/1"]:
         assert normalize(text[s:e]) in normalize(q1)
     assert {m["item"]: m["spans"] for m in whole}["biology/4"] == spans["biology/4"]
+
+
+# ----- templated benchmarks: template-mates and reused templates are not leaks ------------------
+CAPITALS = [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("New Zealand", "Wellington"),
+            ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Japan", "Tokyo"), ("Canada", "Ottawa"), ("Egypt", "Cairo"),
+            ("Chile", "Santiago")]
+
+
+def test_templated_items_are_told_apart_at_the_defaults(tmp_path):
+    items = []
+    for i, (country, capital) in enumerate(CAPITALS):
+        others = [c for _, c in CAPITALS if c != capital][:3]
+        items.append(Item(f"Which of these cities is the capital of {country}?", [capital, *others], 0, "geo",
+                          f"geo:{i + 1}", f"geo/{i}"))
+    task = Task("capitals", "jsonl", "jsonl:capitals.jsonl", items=items)
+    leak_verbatim, leak_recased = items[3], items[6]  # New Zealand, Japan
+    docs = [
+        {"id": "verbatim", "text": f"{leak_verbatim.question} {leak_verbatim.choices[0]}"},
+        {"id": "recased", "text": FILLER * 3 + leak_recased.question.upper() + " ANSWER: TOKYO. " + FILLER * 3},
+        # the template reused for entities that are not in the benchmark
+        {"id": "reuse1", "text": FILLER + "Which of these cities is the capital of Portugal? Lisbon. " + FILLER},
+        {"id": "reuse2", "text": "Quiz time. Which of these cities is the capital of Norway? Oslo, of course. "
+                                 "Which of these cities is the capital of Ghana? Accra."},
+        # the answers stated in plain prose
+        {"id": "prose", "text": " ".join(f"The capital of {c} is {a}." for c, a in CAPITALS) + " " + FILLER},
+        {"id": "clean", "text": FILLER * 4},
+    ]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    rep = find_contamination([task], [corpus], DecontamConfig())  # the defaults, nothing special
+    b = rep["benchmarks"][0]
+    assert sorted(b["contaminated_ids"]) == sorted([leak_verbatim.uid, leak_recased.uid]) and b["contaminated"] == 2
+    flagged = sorted({d["doc"] for d in rep["documents"] if d["confirmed"]})
+    assert flagged == ["recased", "verbatim"], rep["documents"]
+    # the template-mates and the reused templates were candidates, rejected by their distinguishing words
+    # (9 mates in each leaking document, all 10 items in each reusing one), though their matched fraction
+    # of the item's text passes the threshold: that alone confirmed all of them before
+    assert b["rejected_candidates"] == 9 + 9 + 10 + 10
+    rejected = [m for d in rep["documents"] for m in d["matches"] if not m["confirmed"]]
+    assert len(rejected) == 38 and all(m["score"] >= 0.5 for m in rejected)
+    france = next(m for d in rep["documents"] if d["doc"] == "recased" for m in d["matches"] if m["item"] == "geo/0")
+    assert france["missing_distinguishing_words"] == ["france"]  # a mate of the leaked Japan item
+    nz = next(m for d in rep["documents"] if d["doc"] == "verbatim" for m in d["matches"] if m["item"] == "geo/3")
+    assert nz["confirmed"] and "missing_distinguishing_words" not in nz
+    # the old rule (no distinguishing-words check) flags every item of the template
+    old = find_contamination([task], [corpus], DecontamConfig(slot_words=-1))["benchmarks"][0]
+    assert old["contaminated"] == 10

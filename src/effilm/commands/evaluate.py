@@ -41,7 +41,10 @@ def register(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="effilm checkpoint or HF model directory")
     p.add_argument("--task", action="append", required=True, metavar="SPEC", help="task SPEC (see below)")
     p.add_argument("--corpus-report", metavar="R.json", help="an 'effilm decontam' report: show each "
-                   "task's contamination beside its score")
+                   "task's contamination beside its score (instead of the default check)")
+    p.add_argument("--no-contamination-check", action="store_true",
+                   help="skip the default check of an effilm-trained model's training data (its run record "
+                   "and init_from chain name the token datasets, whose manifests name the source files)")
     p.add_argument("--device", default="auto", help="torch device for the model: auto (cuda when present), cpu, cuda:0...")
     p.add_argument("--output", "-o", required=True, metavar="R.json", help="where to write the report")
     add_arguments(p, EvalConfig, group_title="scoring")
@@ -93,9 +96,18 @@ def cmd_eval(args) -> int:
     cfg = from_args(EvalConfig, args)
     tcfg = from_args(TaskConfig, args)
     tasks = [load_task(spec, tcfg) for spec in args.task]
-    corpus_report = _read_json(args.corpus_report) if args.corpus_report else None
+    if args.corpus_report:
+        corpus_report = _read_json(args.corpus_report)
+        check = {"status": "from --corpus-report", "line": f"contamination: from {args.corpus_report}"}
+    elif args.no_contamination_check:
+        corpus_report, check = None, {"status": "skipped", "line": "contamination: not checked (--no-contamination-check)"}
+    else:
+        from effilm.eval.provenance import check_training_data
+
+        corpus_report, check = check_training_data(args.model, tasks)
     model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device))
-    report = run_evaluation(model, tokenizer, tasks, cfg, corpus_report=corpus_report, model_path=args.model)
+    report = run_evaluation(model, tokenizer, tasks, cfg, corpus_report=corpus_report, model_path=args.model,
+                            contamination_check=check)
     atomic_write_json(args.output, report)
     print(format_table(report))
     print(f"report: {args.output}")

@@ -38,14 +38,6 @@ class DemoConfig:
     heldout_records: int = field(default=60, metadata={"help": "held-out records per corpus for bits per byte"})
     quiz_questions_per_fact: int = field(default=1, metadata={"help": "quiz items per fact (held-out phrasings)"})
     planted_leaks: int = field(default=5, metadata={"help": "quiz items planted in a copy of the corpus"})
-    decontam_confirm_threshold: float = field(default=1.0, metadata={
-        "help": "matched fraction of a quiz item's text that confirms a hit. The quiz is templated: at the "
-                "Cosmopedia default (0.5) every item sharing a leaked item's template is confirmed too (the "
-                "planted-leak check records that result beside this one), so the demo asks for the whole item in a narrow window"})
-    decontam_window_words: int = field(default=2, metadata={
-        "help": "words of context either side of the n-gram hits that confirmation compares an item with. With "
-                "the default (the item's length) difflib matches a template-mate's few differing letters "
-                "scattered in the wider window and scores it 1.0"})
     # --- tokenizer and shards
     vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary size (special tokens included)"})
     # --- models (see the module docstring for the equal-active-parameters rule)
@@ -83,7 +75,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_facts", "textbook_records", "web_records", "heldout_records", "quiz_questions_per_fact",
-                     "decontam_window_words", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "num_experts", "seq_len",
+                     "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "num_experts", "seq_len",
                      "global_batch", "train_tokens", "val_sequences", "log_every", "threads", "eval_batch_size",
                      "chat_records", "preference_records", "sft_tokens", "dpo_tokens", "chat_max_new_tokens"):
             v = getattr(self, name)
@@ -103,8 +95,6 @@ class DemoConfig:
             raise ConfigError(f"demo.planted_leaks={self.planted_leaks} exceeds the quiz size")
         if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ConfigError("demo.d_model must divide by n_heads, and n_heads by n_kv_heads")
-        if not 0.0 < self.decontam_confirm_threshold <= 1.0:
-            raise ConfigError(f"demo.decontam_confirm_threshold={self.decontam_confirm_threshold} must lie in (0, 1]")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ConfigError("demo.lr must be positive and demo.warmup_steps >= 0")
         for name in ("sft_lr", "dpo_lr", "dpo_beta"):

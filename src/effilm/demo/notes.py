@@ -92,14 +92,13 @@ def build_notes(summary: dict, z: float, cloze_target: float) -> list[dict]:
 
     pl = summary["clean"]["planted_leak_check"]
     note("decontamination", pl["exact"],
-         f"Decontamination found {len(pl['found_items'])} quiz item(s) in a copy of the textbook corpus where "
-         f"{len(pl['planted'])} were planted ({'exactly those' if pl['exact'] else 'NOT exactly those'}; missed "
-         f"{len(pl['missed'])}, false positives {len(pl['false_positives'])}, confirming a hit when "
-         f"{_pct(pl['confirm_threshold'])} of the item's text matches within {pl['window_words']} words of the "
-         f"n-gram hits). At the defaults ({_pct(pl['at_default_threshold']['confirm_threshold'])}, a window of the "
-         "item's length) the same scan also confirms "
-         f"{len(pl['at_default_threshold']['false_positives'])} unplanted items that share a question template with a "
-         "leaked one: templated benchmarks need the stricter setting. The corpora the models trained on hold "
+         f"Decontamination at effilm's defaults found {len(pl['found_items'])} quiz item(s) in a copy of the textbook "
+         f"corpus where {len(pl['planted'])} were planted ({'exactly those' if pl['exact'] else 'NOT exactly those'}; "
+         f"missed {len(pl['missed'])}, false positives {len(pl['false_positives'])}). The quiz is templated: the "
+         "matched fraction of an item's text alone would also confirm "
+         f"{len(pl['without_distinguishing_words']['false_positives'])} unplanted items that share a question template "
+         "with a leaked one; the defaults also require each item's distinguishing words (the entity its "
+         "template-mates lack) beside the hits. The corpora the models trained on hold "
          f"{sum(c['decontam']['after_cleaning']['contaminated'] for c in summary['clean']['corpora'].values())} quiz "
          "items after cleaning, so the quiz scores are not memorised test items.")
 

@@ -143,9 +143,10 @@ def plant_leaks(cfg: DemoConfig, quiz, corpus: Path, out: Path) -> tuple[Path, l
 
 
 def decontam_config(cfg: DemoConfig):
+    """The demo scans at effilm's defaults: nothing tuned to its templated quiz."""
     from effilm.eval.decontam import DecontamConfig
 
-    return DecontamConfig(confirm_threshold=cfg.decontam_confirm_threshold, window_words=cfg.decontam_window_words)
+    return DecontamConfig()
 
 
 def _found(rep: dict, planted: list[dict]) -> dict:
@@ -154,23 +155,27 @@ def _found(rep: dict, planted: list[dict]) -> dict:
     want_items = {p["item"] for p in planted}
     want_docs = {str(p["doc"]) for p in planted}
     return {"confirm_threshold": rep["config"]["confirm_threshold"], "window_words": rep["config"]["window_words"],
-            "found_items": sorted(found_items), "found_documents": sorted(found_docs),
+            "slot_words": rep["config"]["slot_words"], "found_items": sorted(found_items), "found_documents": sorted(found_docs),
             "missed": sorted(want_items - found_items), "false_positives": sorted(found_items - want_items),
             "exact": found_items == want_items and found_docs == want_docs}
 
 
 def planted_leak_check(cfg: DemoConfig, quiz, corpus: Path, out: Path) -> dict:
-    """Plant leaks in a copy of the cleaned corpus; decontamination must find exactly those.
+    """Plant leaks in a copy of the cleaned corpus; decontamination at the defaults must find
+    exactly those.
 
-    Also records what the Cosmopedia-default confirmation (0.5 of the item's text) finds on the same
-    copy: with a templated quiz it confirms the leaked items' template-mates as well."""
-    from effilm.eval.decontam import DecontamConfig
+    Also records what the matched fraction alone finds on the same copy (``slot_words=-1``, the
+    rule before distinguishing words): with a templated quiz it confirms the leaked items'
+    template-mates as well."""
+    import dataclasses
+
     from effilm.eval.decontam_scan import find_contamination
 
     copy, planted = plant_leaks(cfg, quiz, corpus, out)
     result = {"corpus_copy": str(copy), "planted": planted,
               **_found(find_contamination([quiz], [copy], decontam_config(cfg)), planted)}
-    result["at_default_threshold"] = _found(find_contamination([quiz], [copy], DecontamConfig()), planted)
+    fraction_only = dataclasses.replace(decontam_config(cfg), slot_words=-1)
+    result["without_distinguishing_words"] = _found(find_contamination([quiz], [copy], fraction_only), planted)
     return result
 
 

@@ -15,6 +15,18 @@ fraction of the item's normalised text that ``difflib`` finds in a window of the
 the hits, computed for the question alone and for question + answer; a candidate is confirmed when
 the larger reaches ``confirm_threshold`` (Cosmopedia: more than half). Shared boilerplate makes
 candidates that fail this test and are counted as rejected, not flagged.
+
+Templated benchmarks. Items made from one template share most of their n-grams, so a document
+that leaks one of them is a candidate for every *template-mate*, and its text matches each mate's
+template words well beyond the threshold. So an item's **distinguishing words** decide as well:
+its *mates* are the items that share at least one indexed n-gram with it, and its distinguishing
+words are the words of its question that fewer than half of its mates' questions contain (the
+entity, the numbers), or, when the questions are the same, of its answer. A candidate is confirmed
+only if every distinguishing word also stands among the words the hits cover, widened by
+``slot_words`` either side: where the item's own words would be if this were the item. A mate's
+hits cover the shared template, next to which the leaked item's entity stands, not the mate's.
+A document that reuses the template for an entity not in the benchmark fails the same way, and
+plain prose stating an answer makes no candidate at all.
 """
 
 from __future__ import annotations
@@ -47,6 +59,9 @@ class DecontamConfig:
                                                 "matched by their min_words-grams; shorter ones are reported unchecked (0: off)"})
     confirm_threshold: float = field(default=0.5, metadata={"help": "matched fraction of the item text that confirms"})
     window_words: int = field(default=0, metadata={"help": "words of context around hits for confirmation; 0 = item length"})
+    slot_words: int = field(default=3, metadata={"help": "an item's distinguishing words (the words its template-mates "
+                                                 "lack) must stand within this many words of its n-gram hits; -1 = "
+                                                 "do not check them"})
     margin_chars: int = field(default=200, metadata={"help": "characters cut either side of a hit (GPT-3: 200)"})
     max_pieces: int = field(default=10, metadata={"help": "a document cut into more pieces is dropped (GPT-3: 10)"})
     min_piece_chars: int = field(default=200, metadata={"help": "pieces shorter than this are removed (GPT-3: 200)"})
@@ -65,6 +80,8 @@ class DecontamConfig:
             raise ConfigError(f"confirm_threshold: must be in (0, 1], got {self.confirm_threshold}")
         if self.mode not in ("cut", "drop"):
             raise ConfigError(f"mode: must be cut or drop, got {self.mode!r}")
+        if self.slot_words < -1:
+            raise ConfigError(f"slot_words: must be >= 0, or -1 to skip the distinguishing-words check, got {self.slot_words}")
         for name in ("margin_chars", "max_pieces", "min_piece_chars", "window_words", "min_words"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")
@@ -214,6 +231,10 @@ class NgramIndex:
         np.bitwise_or.at(self.bits, (b >> _U64(6)).astype(np.int64), _U64(1) << (b & _U64(63)))
         _CHAR_POW.get(cfg.batch_chars + 1)  # warm the power tables outside the timed scan
         self._norm: dict[int, tuple[str, str]] = {}
+        self._by_item = np.argsort(self.owner, kind="stable")  # positions of each item's keys, by item
+        self._item_start = np.searchsorted(self.owner[self._by_item], np.arange(len(items) + 1))
+        self._distinct: dict[int, frozenset[str]] = {}
+        self._wordsets: dict[int, tuple[set[str], set[str]]] = {}
 
     def normalized(self, item: int) -> tuple[str, str]:
         """(question, question + answer) normalised, computed on first use for candidates only."""
@@ -221,6 +242,39 @@ class NgramIndex:
             it = self.items[item]
             self._norm[item] = (normalize(it.question), normalize(f"{it.question} {it.answer}"))
         return self._norm[item]
+
+    def mates(self, item: int) -> np.ndarray:
+        """The other items that share at least one indexed n-gram with ``item``."""
+        mine = self.keys[self._by_item[self._item_start[item] : self._item_start[item + 1]]]
+        lo = np.searchsorted(self.keys, mine, side="left")
+        hi = np.searchsorted(self.keys, mine, side="right")
+        shared = [self.owner[a:z] for a, z in zip(lo.tolist(), hi.tolist(), strict=True) if z - a > 1]
+        return np.setdiff1d(np.concatenate(shared), [item]) if shared else np.zeros(0, np.int64)
+
+    def distinguishing(self, item: int) -> frozenset[str]:
+        """The words that tell ``item`` from its template-mates (see the module docstring):
+        question words fewer than half of the mates' questions have, else such answer words."""
+        if item not in self._distinct:
+            mates = self.mates(item)
+            words = frozenset()
+            if len(mates):
+                for part in (0, 1):  # the question, then (same questions) the answer
+                    own = set(self._words(item)[part])
+                    counts = dict.fromkeys(own, 0)
+                    for m in mates.tolist():
+                        for w in own & self._words(m)[part]:
+                            counts[w] += 1
+                    words = frozenset(w for w, c in counts.items() if 2 * c < len(mates))
+                    if words:
+                        break
+            self._distinct[item] = words
+        return self._distinct[item]
+
+    def _words(self, item: int) -> tuple[set[str], set[str]]:
+        if item not in self._wordsets:
+            it = self.items[item]
+            self._wordsets[item] = (set(normalize(it.question).split()), set(normalize(it.answer).split()))
+        return self._wordsets[item]
 
     def lookup(self, grams: np.ndarray, ok: np.ndarray) -> list[tuple[int, int]]:
         """(word position, item) for every gram found in the index."""
@@ -321,9 +375,21 @@ def _scan(texts: list[str], index: NgramIndex) -> list[list[dict]]:
         window = normalize(texts[d][int(h.word_start[lo_w]) - off : int(h.word_end[hi_w]) - off])
         s_q, s_qa = matched_fraction(norm_q, window), matched_fraction(qa, window)
         it = index.items[item]
-        out[d].append({"benchmark": it.benchmark, "item": it.uid, "index": item, "spans": spans,
-                       "score_question": round(s_q, 4), "score_question_answer": round(s_qa, 4),
-                       "score": round(max(s_q, s_qa), 4), "confirmed": max(s_q, s_qa) >= cfg.confirm_threshold})
+        missing: list[str] = []
+        if cfg.slot_words >= 0 and max(s_q, s_qa) >= cfg.confirm_threshold:
+            distinct = index.distinguishing(item)
+            if distinct:
+                lo_s = max(first - cfg.slot_words, int(np.searchsorted(h.word_doc, d, side="left")))
+                hi_s = min(last + cfg.slot_words, int(np.searchsorted(h.word_doc, d, side="right")) - 1)
+                slot = set(normalize(texts[d][int(h.word_start[lo_s]) - off : int(h.word_end[hi_s]) - off]).split())
+                missing = sorted(distinct - slot)
+        entry = {"benchmark": it.benchmark, "item": it.uid, "index": item, "spans": spans,
+                 "score_question": round(s_q, 4), "score_question_answer": round(s_qa, 4),
+                 "score": round(max(s_q, s_qa), 4),
+                 "confirmed": max(s_q, s_qa) >= cfg.confirm_threshold and not missing}
+        if missing:
+            entry["missing_distinguishing_words"] = missing  # a template-mate's, or a reused template's, hit
+        out[d].append(entry)
     return out
 
 

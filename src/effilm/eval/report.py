@@ -84,8 +84,11 @@ def contamination_for(task: Task, corpus_report: dict | None) -> dict | None:
 
 
 def run_evaluation(model, tokenizer, tasks: list[Task], cfg: EvalConfig, *, scorer=None,
-                   corpus_report: dict | None = None, model_path: str | None = None) -> dict:
-    """Evaluate every task and return the full report (JSON-serialisable)."""
+                   corpus_report: dict | None = None, model_path: str | None = None,
+                   contamination_check: dict | None = None) -> dict:
+    """Evaluate every task and return the full report (JSON-serialisable). ``contamination_check``
+    (from :func:`effilm.eval.provenance.check_training_data`) says how the contamination figures
+    were obtained, or why there are none; it is kept in the report and printed by the table."""
     import torch
 
     import effilm
@@ -119,7 +122,10 @@ def run_evaluation(model, tokenizer, tasks: list[Task], cfg: EvalConfig, *, scor
                 **model_fingerprint(model), "tokenizer_sha256": tok.fingerprint(),
                 "prompt_format": prompt_format(cfg), "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
                 "averages": "micro = mean over items; macro = mean over subjects"}
-    return {"manifest": manifest, "tasks": results}
+    out = {"manifest": manifest, "tasks": results}
+    if contamination_check is not None:
+        out["contamination_check"] = contamination_check
+    return out
 
 
 def _f(v, width: int) -> str:
@@ -152,4 +158,8 @@ def format_table(report: dict) -> str:
         if c is not None:
             lines.append(f"contamination: {c['contaminated']}/{c['items']} items found in the corpus; "
                          f"acc on the clean items {_f(c['clean_acc'], 0)}")
+        elif report.get("contamination_check"):
+            lines.append(f"contamination: {report['contamination_check']['status']} (see below)")
+    if report.get("contamination_check"):
+        lines.append(report["contamination_check"]["line"])
     return "\n".join(lines)
