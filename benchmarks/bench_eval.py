@@ -7,7 +7,7 @@
    MB/s of document text (index build timed apart; median of three interleaved runs after a warm-up
    run; wall-clock and CPU-time rates, since the machine may be shared).
 
-Run: PYTHONPATH=src python benchmarks/bench_eval.py [--quick] [--out benchmarks/results/bench_eval.json]
+Run: PYTHONPATH=src python benchmarks/bench_eval.py [--quick] [--parts eval,gen,decontam] [--out benchmarks/results/bench_eval.json]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ RESULTS = Path(__file__).resolve().parent / "results"  # every benchmark writes 
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "support"))  # the harness re-statement and the fixtures live with the tests
+sys.path.insert(0, str(ROOT / "tests" / "eval"))  # the gsm8k-format problems and tokenizer
 
 
 def bench_eval(n_test: int, shots: int, hidden: int, layers: int) -> dict:
@@ -57,6 +58,57 @@ def bench_eval(n_test: int, shots: int, hidden: int, layers: int) -> dict:
     return {"items": len(ours), "shots": shots, "model": f"llama hidden={hidden} layers={layers}",
             "items_per_s": rows, "speedup_bs8": rows["effilm_bs8"] / rows["harness_method_transformers"],
             "max_abs_ll_diff": diff, "acc_effilm": acc_ours, "acc_harness_method": acc_ref}
+
+
+def bench_generation(n_items: int, shots: int, max_gen_toks: int, hidden: int, layers: int, repeats: int = 3) -> dict:
+    """gsm8k-format generation: effilm's engine (``score_gsm8k``) against lm-eval's own ``hf``
+    model (``HFLM.generate_until``) on the same saved model, prompts and greedy settings; arms
+    interleaved, median of ``repeats``. The random model never writes a stop sequence, so both
+    generate ``max_gen_toks`` tokens for every item; the texts are compared too."""
+    import statistics
+
+    import torch
+    from eval_fixtures import hf_tokenizer
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from test_gsm8k import math_tokenizer, problems
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from effilm.data.tokenizer import load_tokenizer
+    from effilm.eval.gsm8k import STOP, prompt, score_gsm8k
+    from effilm.eval.tasks import load_task
+    from effilm.formats.load import load
+
+    torch.manual_seed(0)
+    root = Path(tempfile.mkdtemp())
+    tok = math_tokenizer()
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=4 * hidden,
+                                 num_hidden_layers=layers, num_attention_heads=hidden // 32,
+                                 num_key_value_heads=hidden // 64, max_position_embeddings=2048)).save_pretrained(root / "m")
+    hf_tokenizer(tok).save_pretrained(root / "m")
+    for name, n, seed in (("test", n_items, 1), ("dev", shots, 2)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in problems(n, seed)))
+    task = load_task(f"gsm8k:{root / 'test.jsonl'},dev={root / 'dev.jsonl'}")
+    model, etok = load(root / "m"), load_tokenizer(root / "m")
+    hflm = HFLM(pretrained=str(root / "m"), batch_size=8, device="cpu", dtype="float32")
+    gen = {"until": list(STOP), "do_sample": False, "max_gen_toks": max_gen_toks}
+    requests = [Instance(request_type="generate_until", doc={}, idx=0,
+                         arguments=(prompt(it, task.math_dev[:shots]), dict(gen))) for it in task.math]
+    times: dict[str, list[float]] = {"effilm_bs8": [], "effilm_bs1": [], "lm_eval_hf_bs8": []}
+    for _ in range(repeats):
+        for arm in times:
+            t0 = time.perf_counter()
+            if arm == "lm_eval_hf_bs8":
+                theirs = hflm.generate_until(requests, disable_tqdm=True)
+            else:
+                ours = score_gsm8k(model, etok, task.math, task.math_dev, shots=shots, batch_size=int(arm[-1]),
+                                   max_gen_toks=max_gen_toks)
+            times[arm].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    same = sum(o["output"] == t for o, t in zip(ours, theirs, strict=True))
+    return {"items": n_items, "shots": shots, "max_gen_toks": max_gen_toks, "model": f"llama hidden={hidden} "
+            f"layers={layers}", "seconds": times, "median_s": med, "items_per_s": {k: n_items / v for k, v in med.items()},
+            "speedup_bs8": med["lm_eval_hf_bs8"] / med["effilm_bs8"], "same_text": f"{same}/{n_items}"}
 
 
 def mmlu_sized_items(n: int, seed: int):
@@ -111,26 +163,40 @@ def bench_decontam(corpus_mb: float) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller runs")
+    ap.add_argument("--parts", default="eval,gen,decontam", help="which parts to run (comma-separated)")
     ap.add_argument("--out", default=str(RESULTS / "bench_eval.json"))
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)
-    ev = bench_eval(n_test=20 if args.quick else 60, shots=5, hidden=128, layers=4)
-    dc = bench_decontam(5 if args.quick else 20)
-    print(f"\nMMLU-format letter scoring, {ev['shots']}-shot, {ev['items']} items, {ev['model']}, 1 CPU thread")
-    print(f"{'method':<34} {'items/s':>9}")
-    for k, v in ev["items_per_s"].items():
-        print(f"{k:<34} {v:>9.2f}")
-    print(f"speed-up (effilm bs8 / harness method): {ev['speedup_bs8']:.2f}x; max |Δ loglik| {ev['max_abs_ll_diff']:.2e}; "
-          f"acc {ev['acc_effilm']:.4f} vs {ev['acc_harness_method']:.4f}")
-    print(f"\nDecontamination scan, 1 worker, n=13\n{'benchmark items':>16} {'MB':>7} {'MB/s wall':>10} "
-          f"{'MB/cpu-s':>9} {'index s':>8}")
-    for k, v in dc.items():
-        print(f"{k:>16} {v['mb']:>7} {v['mb_per_s']:>10} {v['mb_per_cpu_s']:>9} {v['index_seconds']:>8}")
+    parts = set(args.parts.split(","))
+    result: dict = {"torch_threads": 1}
+    if "eval" in parts:
+        ev = result["eval"] = bench_eval(n_test=20 if args.quick else 60, shots=5, hidden=128, layers=4)
+        print(f"\nMMLU-format letter scoring, {ev['shots']}-shot, {ev['items']} items, {ev['model']}, 1 CPU thread")
+        print(f"{'method':<34} {'items/s':>9}")
+        for k, v in ev["items_per_s"].items():
+            print(f"{k:<34} {v:>9.2f}")
+        print(f"speed-up (effilm bs8 / harness method): {ev['speedup_bs8']:.2f}x; max |Δ loglik| "
+              f"{ev['max_abs_ll_diff']:.2e}; acc {ev['acc_effilm']:.4f} vs {ev['acc_harness_method']:.4f}")
+    if "gen" in parts:
+        g = result["generation"] = bench_generation(n_items=8 if args.quick else 24, shots=2, max_gen_toks=64,
+                                                    hidden=256, layers=4)
+        print(f"\ngsm8k-format generation, {g['items']} items, {g['shots']}-shot, {g['max_gen_toks']} new tokens each, "
+              f"{g['model']}, 1 CPU thread (median of 3, arms interleaved)")
+        print(f"{'arm':<34} {'median s':>9} {'items/s':>9}")
+        for k, v in g["median_s"].items():
+            print(f"{k:<34} {v:>9.2f} {g['items_per_s'][k]:>9.2f}")
+        print(f"speed-up (lm-eval hf bs8 / effilm bs8): {g['speedup_bs8']:.2f}x; same text {g['same_text']}")
+    if "decontam" in parts:
+        dc = result["decontam"] = bench_decontam(5 if args.quick else 20)
+        print(f"\nDecontamination scan, 1 worker, n=13\n{'benchmark items':>16} {'MB':>7} {'MB/s wall':>10} "
+              f"{'MB/cpu-s':>9} {'index s':>8}")
+        for k, v in dc.items():
+            print(f"{k:>16} {v['mb']:>7} {v['mb_per_s']:>10} {v['mb_per_cpu_s']:>9} {v['index_seconds']:>8}")
     from effilm.io import atomic_write_json
 
-    atomic_write_json(args.out, {"eval": ev, "decontam": dc, "torch_threads": 1})
+    atomic_write_json(args.out, result)
     print(f"\nwrote {args.out}")
     return 0
 

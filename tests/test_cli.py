@@ -92,7 +92,7 @@ def _config_classes():
     from effilm.synth.runner import SynthOptions
 
     return {
-        ("presets",): [], ("params",): [], ("convert",): [ConvertConfig], ("demo",): [DemoConfig],
+        ("presets",): [], ("params",): [], ("plan",): [], ("convert",): [ConvertConfig], ("demo",): [DemoConfig],
         ("tokenizer",): [], ("tokenizer", "train"): [TokenizerTrainConfig], ("data",): [],
         ("data", "tokenize"): [TokenizeConfig], ("synth",): [SynthOptions, Recipe], ("dedup",): [DedupConfig],
         ("filter",): [FilterConfig], ("eval",): [EvalConfig, TaskConfig],

@@ -22,6 +22,9 @@ SPEC_HELP = """task SPEC forms (repeat --task for several):
                   after normalising case, punctuation, articles and spaces; records with question
                   (or messages ending in a user turn) and answer (a string, or an index into
                   choices: the MMLU-format quiz works as it is) or answers (a list)
+  gsm8k:FILE      math word problems: question, answer (the solution ending in '#### <number>');
+                  few-shot from dev=FILE (the first --shots), greedy generation up to --max-gen-toks,
+                  scored as lm-evaluation-harness's gsm8k: strict-match and flexible-extract
 options after a comma: split=val, dev=PATH (few-shot source, same format), name=LABEL
   e.g. --task jsonl:quiz.jsonl,dev=quiz_dev.jsonl,name=quiz
 bad rows are skipped and listed in the report; --strict makes them errors (file:line)."""

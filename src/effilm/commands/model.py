@@ -25,6 +25,30 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON (keys include total_params, active_params)")
     p.set_defaults(func=cmd_params)
 
+    from effilm.config.plan import DEVICES, FORMATS
+
+    p = sub.add_parser(
+        "plan", help="will a model fit on a device, in which weight format, and how fast will it decode",
+        description="For each weight format (" + ", ".join(FORMATS) + "): total memory (weights, the KV cache "
+        "at --context for --batch sequences, and --overhead), whether it fits in --memory, and the predicted "
+        "decode tokens/s per sequence: --bandwidth divided by the bytes one step reads (the active weights: "
+        "routed experts only for MoE models; and the KV cache). Named devices (approximate): "
+        + "; ".join(f"{d.name}: {d.note}" for d in DEVICES.values()) + ". --measure runs the model's own "
+        "decode (effilm's engine at fp32, int8 and int4, and llama.cpp on a q8_0 GGUF export when "
+        "llama-cpp-python is installed) and prints measured beside predicted.",
+    )
+    p.add_argument("name", metavar="MODEL_OR_PRESET", help="preset name or a checkpoint/HF directory")
+    p.add_argument("--device", choices=sorted(DEVICES), help="a named device (its memory and bandwidth)")
+    p.add_argument("--memory", help="device memory, e.g. 8GiB or 16GB (overrides --device's)")
+    p.add_argument("--bandwidth", help="memory bandwidth, e.g. 100GB/s (overrides --device's)")
+    p.add_argument("--context", type=int, default=4096, help="tokens of KV cache per sequence (default 4096, "
+                   "capped at the model's context window)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--overhead", type=float, default=0.10, help="activations and runtime, as a fraction (0.10)")
+    p.add_argument("--measure", action="store_true", help="also measure decode speed on this machine")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plan)
+
     from effilm.demo.config import DemoConfig
     from effilm.formats.convert import ConvertConfig
 
@@ -116,6 +140,76 @@ def cmd_params(args: argparse.Namespace) -> int:
     for k, v in s["kv_cache_bytes_per_token"].items():
         print(f"  KV cache / token {k:5s} {human_bytes(v):>18s}")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from effilm.config.cost import human_bytes
+    from effilm.config.plan import DEVICES, Device, parse_bandwidth, parse_size, plan
+    from effilm.errors import ConfigError
+
+    base = DEVICES[args.device] if args.device else None
+    if base is None and (args.memory is None or args.bandwidth is None):
+        raise ConfigError("give --device NAME, or both --memory (e.g. 8GiB) and --bandwidth (e.g. 100GB/s)")
+    memory = parse_size(args.memory, "--memory") if args.memory else base.memory
+    bandwidth = parse_bandwidth(args.bandwidth) if args.bandwidth else base.bandwidth
+    device = Device(base.name if base and not (args.memory or args.bandwidth) else "custom", int(memory), bandwidth,
+                    base.note if base and not (args.memory or args.bandwidth) else "as given")
+    cfg = _config_for(args.name)
+    context = min(args.context, cfg.max_seq_len)
+    result = plan(cfg, device, context, args.batch, args.overhead)
+    if args.measure:
+        result["measured"] = _measure(args.name, cfg, context, args.batch)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{cfg.name} on {device.name} ({human_bytes(device.memory)}, {device.bandwidth / 1e9:g} GB/s; "
+          f"{device.note}); context {context}, batch {args.batch}, overhead {100 * args.overhead:g}%")
+    measured = result.get("measured", {}).get("effilm", {})
+    head = f"{'format':<11} {'weights':>10} {'KV cache':>10} {'total':>10} {'fits':>5} {'read/step':>10} {'tok/s':>9}"
+    print(head + (f" {'measured':>9}" if measured else ""))
+    for r in result["formats"]:
+        line = (f"{r['format']:<11} {human_bytes(r['weight_bytes']):>10} {human_bytes(r['kv_cache_bytes']):>10} "
+                f"{human_bytes(r['total_bytes']):>10} {'yes' if r['fits'] else 'no':>5} "
+                f"{human_bytes(r['read_bytes_per_step']):>10} {r['tokens_per_s']:>9.1f}")
+        if measured:
+            m = measured.get(r["format"])
+            line += f" {m:>9.1f}" if m is not None else f" {'-':>9}"
+        print(line)
+    if result.get("measured"):
+        lc = result["measured"].get("llama_cpp")
+        print("llama.cpp (q8_0 GGUF): " + (f"{lc['q8_0']:.1f} tok/s" if lc else "not installed (pip install "
+                                            "llama-cpp-python to measure it)"))
+        print("measured: effilm's engine on this machine, tokens/s per sequence (prefill excluded); predicted "
+              "tok/s uses the device's bandwidth: pass --device ci-2core (or this machine's --bandwidth) to "
+              "compare like with like")
+    if not Path(args.name).is_dir():
+        print("tokens/s: bandwidth-bound prediction per sequence, KV cache counted full; approximate")
+    return 0
+
+
+def _measure(name: str, cfg, context: int, batch: int) -> dict:
+    from pathlib import Path
+
+    from effilm.config.cost import num_params
+    from effilm.errors import EffilmError
+    from effilm.quant.measure import llama_cpp_tokens_per_s, measure_formats
+
+    if Path(name).is_dir():
+        from effilm.formats.load import load
+
+        model, tok_dir = load(name), (name if (Path(name) / "tokenizer.json").is_file() else None)
+    else:
+        if num_params(cfg) > 2e9:
+            raise EffilmError(f"--measure: {name} has {num_params(cfg) / 1e9:.1f}B parameters; measure a model "
+                              "that fits this machine (a tiny preset or a model directory)")
+        from effilm.models.transformer import build_model
+
+        model, tok_dir = build_model(cfg, seed=0).eval(), None
+    out = {"effilm": measure_formats(model, context=context, batch=batch)}
+    out["llama_cpp"] = llama_cpp_tokens_per_s(model, tok_dir, context=context) if tok_dir else None
+    return out
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

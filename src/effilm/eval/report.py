@@ -9,6 +9,7 @@ import math
 import platform
 
 from effilm.eval.chat import score_chat
+from effilm.eval.gsm8k import score_gsm8k
 from effilm.eval.scoring import EvalConfig, TokenizerAdapter, perplexity, prompt_format, score_task
 from effilm.eval.tasks import Task
 
@@ -105,6 +106,11 @@ def run_evaluation(model, tokenizer, tasks: list[Task], cfg: EvalConfig, *, scor
                 records = score_chat(model, tokenizer, task.chat, batch_size=cfg.batch_size,
                                      max_new_tokens=cfg.max_new_tokens)
                 metrics = ("exact_match",)
+            elif task.kind == "gsm8k":
+                records = score_gsm8k(model, tokenizer, task.math, task.math_dev, shots=cfg.shots,
+                                      batch_size=cfg.batch_size, max_gen_toks=cfg.max_gen_toks,
+                                      max_length=cfg.max_length)
+                metrics = ("strict-match", "flexible-extract")  # keys correct, correct_norm
             else:
                 records = score_task(model, tok, task, cfg, scorer=scorer)
                 metrics = ("acc",) if cfg.scoring == "letter" else ("acc", "acc_norm")

@@ -52,6 +52,8 @@ class EvalConfig:
                                                        "context's KV cache (same numbers, less compute)"})
     max_new_tokens: int = field(default=32, metadata={"help": "chat tasks: most tokens generated per answer "
                                                        "(greedy; the answer ends at the end-of-turn token)"})
+    max_gen_toks: int = field(default=256, metadata={"help": "gsm8k tasks: most tokens generated per answer "
+                                                    "(lm-eval's default, 256)"})
     min_shared_prefix: int = field(default=16, metadata={"help": "KV-cache path: reuse the previous question's "
                                                          "cache when contexts share at least this many leading "
                                                          "tokens (few-shot prompts); 0 = off"})
@@ -63,6 +65,8 @@ class EvalConfig:
             raise ConfigError(f"scoring: must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens: must be an integer >= 1, got {self.max_new_tokens!r}")
+        if isinstance(self.max_gen_toks, bool) or not isinstance(self.max_gen_toks, int) or self.max_gen_toks < 1:
+            raise ConfigError(f"max_gen_toks: must be an integer >= 1, got {self.max_gen_toks!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.min_shared_prefix < 0:

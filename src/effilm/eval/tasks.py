@@ -9,6 +9,8 @@ A task SPEC names a format and a path, with optional comma-separated options::
     ppl:FILE              held-out text (one JSON record with ``text`` per line, or plain text)
     chat:FILE             free-form questions through the chat template, scored by normalised
                           exact match of the greedy answer (see :mod:`effilm.eval.chat`)
+    gsm8k:FILE            math word problems (question, answer ending in ``#### N``), greedy
+                          generation, lm-eval's strict-match and flexible-extract (:mod:`effilm.eval.gsm8k`)
 
     options: ``split=val`` (which split to evaluate), ``dev=PATH`` (few-shot source in the same
     format), ``name=LABEL`` (the task's name in reports).  Example: ``jsonl:quiz.jsonl,dev=d.jsonl``.
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from effilm.errors import ConfigError, EffilmError, closest
 
-KINDS = ("mmlu", "csv", "jsonl", "parquet", "ppl", "chat")
+KINDS = ("mmlu", "csv", "jsonl", "parquet", "ppl", "chat", "gsm8k")
 SPLITS = ("dev", "val", "test")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -74,12 +76,14 @@ class Task:
     files: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)  # ppl documents
     chat: list = field(default_factory=list)  # chat tasks: effilm.eval.chat.ChatItem
+    math: list = field(default_factory=list)  # gsm8k tasks: effilm.eval.gsm8k.MathItem
+    math_dev: list = field(default_factory=list)  # gsm8k tasks: the few-shot examples, file order
 
     @property
     def entries(self) -> list:
         """What is scored: the multiple-choice items, or a chat task's questions (both have
         ``uid``, ``question`` and ``answer_text``)."""
-        return self.chat if self.kind == "chat" else self.items
+        return self.chat if self.kind == "chat" else self.math if self.kind == "gsm8k" else self.items
 
     def data_hash(self) -> str:
         """sha256 over every file read (name and content), in a fixed order."""
@@ -274,6 +278,20 @@ def load_task(spec: str | TaskSpec, cfg: TaskConfig | None = None) -> Task:
         if not task.chat:
             raise EffilmError(f"task {task.spec}: no valid items ({_first_problem(task)})")
         _assign_uids(task.chat)
+        return task
+    if ts.kind == "gsm8k":
+        from effilm.eval.gsm8k import read_math_items
+
+        task.math = read_math_items(path, rows.bad)
+        task.files.append(str(path))
+        if not task.math:
+            raise EffilmError(f"task {task.spec}: no valid items ({_first_problem(task)})")
+        dev = ts.options.get("dev")
+        if dev:
+            _require(Path(dev), "dev file")
+            task.math_dev = read_math_items(dev, rows.bad)
+            task.files.append(dev)
+        _assign_uids(task.math)
         return task
     if ts.kind == "mmlu":
         if not path.is_dir():

@@ -236,7 +236,7 @@ class DirectPreference:
         return MicroLoss(total, loss_sum.detach(), routing, {k: v.double() for k, v in extras.items()})
 
     def val_sums(self, model, batch, device, amp) -> torch.Tensor:
-        """``[loss sum, pairs, accuracy count]`` of a held-out micro-batch (no gradient)."""
+        """``[loss sum, pairs]`` of a held-out micro-batch (no gradient)."""
         ref_c, ref_r = self.reference_logps(batch, device, amp)
         logps, _ = sequence_logps(model, batch.tokens, batch.loss_mask, device, amp)
         loss, chosen, rejected = self.pair_terms(logps, ref_c, ref_r, batch.loss_mask)
