@@ -92,17 +92,6 @@ def chat_item(rec: dict, src: str, bad) -> ChatItem | None:
     return ChatItem(messages, list(answers), str(rec.get("subject") or "general"), src, str(rec.get("id", "")))
 
 
-def read_chat_items(path, bad) -> list[ChatItem]:
-    from effilm.io import iter_jsonl
-
-    items = []
-    for lineno, rec in iter_jsonl(path):
-        item = chat_item(rec, f"{path}:{lineno}", bad)
-        if item is not None:
-            items.append(item)
-    return items
-
-
 def score_chat(model, tokenizer, items: list[ChatItem], *, batch_size: int, max_new_tokens: int,
                progress=None) -> list[dict]:
     """Greedy answers for every item, in batches, and one record per item: the output, the

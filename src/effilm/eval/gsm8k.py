@@ -80,17 +80,6 @@ def math_item(rec: dict, src: str, bad) -> MathItem | None:
     return MathItem(q, a, str(rec.get("subject") or "math"), src, str(rec.get("id", "")))
 
 
-def read_math_items(path, bad) -> list[MathItem]:
-    from effilm.io import iter_jsonl
-
-    items = []
-    for lineno, rec in iter_jsonl(path):
-        item = math_item(rec, f"{path}:{lineno}", bad)
-        if item is not None:
-            items.append(item)
-    return items
-
-
 def prompt(item: MathItem, shots: list[MathItem]) -> str:
     parts = [f"Question: {ex.question}\nAnswer: {ex.answer}" for ex in shots]
     return "\n\n".join([*parts, f"Question: {item.question}\nAnswer:"])

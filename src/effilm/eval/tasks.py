@@ -209,16 +209,23 @@ def _record_item(rec: dict, src: str, cfg: TaskConfig, rows: _Rows) -> Item | No
     return Item(q, list(choices), answer, str(subject), src, str(rec.get("id", "")))
 
 
-def read_records(path: str | os.PathLike, kind: str, cfg: TaskConfig, rows: _Rows) -> list[Item]:
-    items = []
-    if kind == "jsonl":
-        from effilm.io import iter_jsonl
+def read_jsonl_items(path, make, bad) -> list:
+    """The valid records of a JSONL task file, each through ``make(record, "file:line", bad)``
+    (which returns None after reporting a bad one)."""
+    from effilm.io import iter_jsonl
 
-        for lineno, rec in iter_jsonl(path):  # UTF-8, gzip and BOM handled there
-            item = _record_item(rec, f"{path}:{lineno}", cfg, rows)
-            if item:
-                items.append(item)
-        return items
+    items = []
+    for lineno, rec in iter_jsonl(path):
+        item = make(rec, f"{path}:{lineno}", bad)
+        if item is not None:
+            items.append(item)
+    return items
+
+
+def read_records(path: str | os.PathLike, kind: str, cfg: TaskConfig, rows: _Rows) -> list[Item]:
+    if kind == "jsonl":  # UTF-8, gzip and BOM handled by the one reader
+        return read_jsonl_items(path, lambda rec, src, bad: _record_item(rec, src, cfg, rows), rows.bad)
+    items = []
     try:
         import pyarrow.parquet as pq
 
@@ -270,28 +277,25 @@ def load_task(spec: str | TaskSpec, cfg: TaskConfig | None = None) -> Task:
         task.texts = read_texts(path)
         task.files.append(str(path))
         return task
-    if ts.kind == "chat":
-        from effilm.eval.chat import read_chat_items
+    if ts.kind in ("chat", "gsm8k"):  # generation tasks: JSONL records of their own kind
+        from effilm.eval.chat import chat_item
+        from effilm.eval.gsm8k import math_item
 
-        task.chat = read_chat_items(path, rows.bad)
+        make = chat_item if ts.kind == "chat" else math_item
+        items = read_jsonl_items(path, make, rows.bad)
         task.files.append(str(path))
-        if not task.chat:
+        if not items:
             raise EffilmError(f"task {task.spec}: no valid items ({_first_problem(task)})")
-        _assign_uids(task.chat)
-        return task
-    if ts.kind == "gsm8k":
-        from effilm.eval.gsm8k import read_math_items
-
-        task.math = read_math_items(path, rows.bad)
-        task.files.append(str(path))
-        if not task.math:
-            raise EffilmError(f"task {task.spec}: no valid items ({_first_problem(task)})")
+        _assign_uids(items)
+        if ts.kind == "chat":
+            task.chat = items
+            return task
+        task.math = items
         dev = ts.options.get("dev")
         if dev:
             _require(Path(dev), "dev file")
-            task.math_dev = read_math_items(dev, rows.bad)
+            task.math_dev = read_jsonl_items(dev, make, rows.bad)
             task.files.append(dev)
-        _assign_uids(task.math)
         return task
     if ts.kind == "mmlu":
         if not path.is_dir():
