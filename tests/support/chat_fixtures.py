@@ -56,3 +56,15 @@ def make_tokenizer(root, template: str):
         "pad_token": "<|endoftext|>", "chat_template": template, "add_bos_token": False, "add_eos_token": False,
     }))  # fmt: skip
     return root
+
+
+def tiny_llama_for(tok_dir):
+    """``(hf_tokenizer, model)``: transformers' tokenizer of ``tok_dir`` and a tiny random Llama whose
+    vocabulary, pad and end-of-text ids match it (the TRL peer checks' model)."""
+    import transformers
+    from hf_models import build_hf
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    model = build_hf("llama", vocab_size=len(hf_tok), pad_token_id=hf_tok.pad_token_id, bos_token_id=None,
+                     eos_token_id=hf_tok.eos_token_id)  # fmt: skip
+    return hf_tok, model

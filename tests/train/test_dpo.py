@@ -127,10 +127,8 @@ def test_dpo_loss_rewards_and_accuracy_equal_trl(tmp_path, loss):
     pytest.importorskip("datasets")
     import copy
 
-    import transformers
-    from chat_fixtures import PHI3, make_tokenizer
+    from chat_fixtures import PHI3, make_tokenizer, tiny_llama_for
     from datasets import Dataset
-    from hf_models import build_hf
     from trl import DPOConfig, DPOTrainer
 
     import effilm
@@ -139,9 +137,7 @@ def test_dpo_loss_rewards_and_accuracy_equal_trl(tmp_path, loss):
     from effilm.train.parallel import Dist
 
     d = make_tokenizer(tmp_path / "tok", PHI3)
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(d))
-    ref = build_hf("llama", vocab_size=len(hf_tok), pad_token_id=hf_tok.pad_token_id, bos_token_id=None,
-                   eos_token_id=hf_tok.eos_token_id)  # fmt: skip
+    hf_tok, ref = tiny_llama_for(d)
     policy = copy.deepcopy(ref)
     with torch.no_grad():  # the policy has moved away from the reference
         g = torch.Generator().manual_seed(1)

@@ -167,10 +167,8 @@ def test_sft_loss_equals_trl(tmp_path):
     assistant mask, and the same loss from the same weights."""
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
-    import transformers
-    from chat_fixtures import CONVERSATIONS, GENERATION, make_tokenizer
+    from chat_fixtures import CONVERSATIONS, GENERATION, make_tokenizer, tiny_llama_for
     from datasets import Dataset
-    from hf_models import build_hf
     from trl import SFTConfig, SFTTrainer
 
     import effilm
@@ -179,9 +177,7 @@ def test_sft_loss_equals_trl(tmp_path):
     from effilm.train.parallel import Dist
 
     d = make_tokenizer(tmp_path / "tok", GENERATION)
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(d))
-    hf = build_hf("llama", vocab_size=len(hf_tok), pad_token_id=hf_tok.pad_token_id, bos_token_id=None,
-                  eos_token_id=hf_tok.eos_token_id)  # fmt: skip
+    hf_tok, hf = tiny_llama_for(d)
     hf.save_pretrained(tmp_path / "hf")
     args = SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, per_device_train_batch_size=len(CONVERSATIONS),
                      report_to=[], max_length=None, use_cpu=True, bf16=False, seed=0)  # fmt: skip

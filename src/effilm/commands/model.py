@@ -152,10 +152,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     base = DEVICES[args.device] if args.device else None
     if base is None and (args.memory is None or args.bandwidth is None):
         raise ConfigError("give --device NAME, or both --memory (e.g. 8GiB) and --bandwidth (e.g. 100GB/s)")
-    memory = parse_size(args.memory, "--memory") if args.memory else base.memory
-    bandwidth = parse_bandwidth(args.bandwidth) if args.bandwidth else base.bandwidth
-    device = Device(base.name if base and not (args.memory or args.bandwidth) else "custom", int(memory), bandwidth,
-                    base.note if base and not (args.memory or args.bandwidth) else "as given")
+    if base is not None and args.memory is None and args.bandwidth is None:
+        device = base
+    else:
+        memory = parse_size(args.memory, "--memory") if args.memory else base.memory
+        bandwidth = parse_bandwidth(args.bandwidth) if args.bandwidth else base.bandwidth
+        device = Device("custom", int(memory), bandwidth, "as given")
     cfg = _config_for(args.name)
     context = min(args.context, cfg.max_seq_len)
     result = plan(cfg, device, context, args.batch, args.overhead)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from effilm.config.cost import kv_cache_bytes_per_token, layer_params
+from effilm.config.cost import kv_cache_bytes_per_token, layer_params, num_params
 from effilm.config.model import ModelConfig
 from effilm.errors import ConfigError
 
@@ -65,8 +65,6 @@ def weight_split(cfg: ModelConfig) -> dict:
     """Parameter counts: the matmul weights (in total, and those one token reads), and the rest
     (embedding, LM head, norms, router, biases): in total, and what one token reads (the whole LM
     head, one embedding row, the norms and routers)."""
-    from effilm.config.cost import num_params
-
     total = active = 0
     for i in range(cfg.n_layers):
         lp = layer_params(cfg, i)

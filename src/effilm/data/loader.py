@@ -121,6 +121,23 @@ def block_causal_mask(doc_ids):
     return same & causal
 
 
+def _epoch_order(items, seed: int, name: str, e: int):
+    """``items`` in epoch ``e``'s order: a permutation seeded by the data seed, the source and the epoch."""
+    import numpy as np
+
+    return items[np.random.default_rng([seed, _EPOCH_KEY, _name_key(name), e]).permutation(len(items))]
+
+
+def _cached_epoch(cache: dict, e: int, make):
+    """``make(e)``, kept in ``cache`` with the last few epochs (the oldest goes first)."""
+    if e not in cache:
+        value = make(e)
+        if len(cache) >= _EPOCH_CACHE:
+            cache.pop(min(cache))
+        cache[e] = value
+    return cache[e]
+
+
 class SourceStream:
     """The endless, epoch-shuffled token stream of one source's training documents."""
 
@@ -137,14 +154,11 @@ class SourceStream:
     def _epoch(self, e: int):
         import numpy as np
 
-        if e not in self._cache:
-            rng = np.random.default_rng([self.seed, _EPOCH_KEY, _name_key(self.name), e])
-            order = self.docs[rng.permutation(len(self.docs))]
-            ends = np.cumsum(self.dataset.doc_lengths[order])
-            if len(self._cache) >= _EPOCH_CACHE:
-                self._cache.pop(min(self._cache))
-            self._cache[e] = (order, ends)
-        return self._cache[e]
+        def make(e):
+            order = _epoch_order(self.docs, self.seed, self.name, e)
+            return order, np.cumsum(self.dataset.doc_lengths[order])
+
+        return _cached_epoch(self._cache, e, make)
 
     def read(self, start: int, n: int):
         """Stream tokens ``[start, start + n)``, their row-local document ids and their loss mask
@@ -190,15 +204,8 @@ class PairStream:
 
     def pair(self, q: int) -> int:
         """The pair index at position ``q`` of the stream."""
-        import numpy as np
-
         e, i = divmod(q, len(self.pairs))
-        if e not in self._cache:
-            rng = np.random.default_rng([self.seed, _EPOCH_KEY, _name_key(self.name), e])
-            if len(self._cache) >= _EPOCH_CACHE:
-                self._cache.pop(min(self._cache))
-            self._cache[e] = self.pairs[rng.permutation(len(self.pairs))]
-        return int(self._cache[e][i])
+        return int(_cached_epoch(self._cache, e, lambda e: _epoch_order(self.pairs, self.seed, self.name, e))[i])
 
 
 def pair_rows(datasets: list, pairs: list[int], pad_id: int):

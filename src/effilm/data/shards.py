@@ -177,56 +177,49 @@ def _batches(files: list[Path], cfg: TokenizeConfig, stats: list[dict]):
             yield fi, texts
 
 
-def _chat_batches(files, tok, cfg: TokenizeConfig, stats, dtype: str):
-    """``(file_index, flat ids, lengths, flat mask)`` batches of chat records (JSONL): each
-    conversation rendered by the tokenizer's chat template, then EOS (mask 0)."""
+def _masked_batches(files, tok, cfg: TokenizeConfig, dtype: str):
+    """``(file_index, flat ids, lengths, flat mask)`` batches of ``cfg.batch_docs`` records of chat
+    data or preference pairs (JSONL, ``cfg.chat`` or ``cfg.preferences``), each record's documents
+    through :func:`_chat_documents` or :func:`_preference_documents`."""
     import numpy as np
 
+    from effilm.data.inputs import input_kind
+    from effilm.io import iter_jsonl
+
+    kind, documents, what = (("chat", _chat_documents, "'messages' (or 'prompt' and 'completion')") if cfg.chat else
+                             ("preference", _preference_documents, "'prompt', 'chosen' and 'rejected'"))
+    for fi, f in enumerate(files):
+        if input_kind(f) != "jsonl":
+            raise EffilmError(f"{f}: {kind} data must be JSONL records with {what}")
+        ids_b, mask_b, lengths, records = [], [], [], 0
+        for lineno, rec in iter_jsonl(f):
+            for ids, mask in documents(tok, rec, f"{f}:{lineno}"):
+                ids_b += ids
+                mask_b += mask
+                lengths.append(len(ids))
+            records += 1
+            if records == cfg.batch_docs:
+                yield fi, np.array(ids_b, dtype=dtype), np.array(lengths, dtype=np.int64), np.array(mask_b, dtype=np.uint8)
+                ids_b, mask_b, lengths, records = [], [], [], 0
+        if lengths:
+            yield fi, np.array(ids_b, dtype=dtype), np.array(lengths, dtype=np.int64), np.array(mask_b, dtype=np.uint8)
+
+
+def _chat_documents(tok, rec, where: str) -> list[tuple[list[int], list[int]]]:
+    """One document: the conversation rendered by the tokenizer's chat template, then EOS (mask 0)."""
     from effilm.data.chat import conversation, encode_chat
-    from effilm.data.inputs import input_kind
-    from effilm.io import iter_jsonl
 
-    for fi, f in enumerate(files):
-        if input_kind(f) != "jsonl":
-            raise EffilmError(f"{f}: chat data must be JSONL records with 'messages' (or 'prompt' and 'completion')")
-        ids_b, mask_b, lengths = [], [], []
-        for lineno, rec in iter_jsonl(f):
-            where = f"{f}:{lineno}"
-            ids, mask = encode_chat(tok, conversation(rec, where), where)
-            ids_b += [*ids, tok.eos_id]
-            mask_b += [*mask, 0]
-            lengths.append(len(ids) + 1)
-            if len(lengths) == cfg.batch_docs:
-                yield fi, np.array(ids_b, dtype=dtype), np.array(lengths, dtype=np.int64), np.array(mask_b, dtype=np.uint8)
-                ids_b, mask_b, lengths = [], [], []
-        if lengths:
-            yield fi, np.array(ids_b, dtype=dtype), np.array(lengths, dtype=np.int64), np.array(mask_b, dtype=np.uint8)
+    ids, mask = encode_chat(tok, conversation(rec, where), where)
+    return [([*ids, tok.eos_id], [*mask, 0])]
 
 
-def _preference_batches(files, tok, cfg: TokenizeConfig, stats, dtype: str):
-    """``(file_index, flat ids, lengths, flat mask)`` batches of preference pairs (JSONL): pair ``i``
-    is documents ``2i`` (prompt + chosen) and ``2i + 1`` (prompt + rejected), each masked on its
-    completion (:mod:`effilm.data.preferences`), without an EOS added."""
-    import numpy as np
-
-    from effilm.data.inputs import input_kind
+def _preference_documents(tok, rec, where: str) -> list[tuple[list[int], list[int]]]:
+    """Two documents, prompt + chosen then prompt + rejected, each masked on its completion
+    (:mod:`effilm.data.preferences`), without an EOS added: pair ``i`` is documents ``2i``, ``2i + 1``."""
     from effilm.data.preferences import encode_preference
-    from effilm.io import iter_jsonl
 
-    for fi, f in enumerate(files):
-        if input_kind(f) != "jsonl":
-            raise EffilmError(f"{f}: preference data must be JSONL records with 'prompt', 'chosen' and 'rejected'")
-        ids_b, mask_b, lengths = [], [], []
-        for lineno, rec in iter_jsonl(f):
-            c, cm, r, rm = encode_preference(tok, rec, f"{f}:{lineno}")
-            ids_b += c + r
-            mask_b += cm + rm
-            lengths += [len(c), len(r)]
-            if len(lengths) >= 2 * cfg.batch_docs:
-                yield fi, np.array(ids_b, dtype=dtype), np.array(lengths, dtype=np.int64), np.array(mask_b, dtype=np.uint8)
-                ids_b, mask_b, lengths = [], [], []
-        if lengths:
-            yield fi, np.array(ids_b, dtype=dtype), np.array(lengths, dtype=np.int64), np.array(mask_b, dtype=np.uint8)
+    c, cm, r, rm = encode_preference(tok, rec, where)
+    return [(c, cm), (r, rm)]
 
 
 def tokenize_files(inputs, tokenizer_dir, out, cfg: TokenizeConfig | None = None, progress=None,
@@ -266,8 +259,7 @@ def tokenize_files(inputs, tokenizer_dir, out, cfg: TokenizeConfig | None = None
         masked = cfg.chat or cfg.preferences
         writer = _ShardWriter(tmp, cfg.shard_tokens, dtype, masks=masked)
         if masked:  # conversations (or preference pairs) through the chat template, with their loss masks
-            batches = _chat_batches if cfg.chat else _preference_batches
-            for fi, flat, lengths, mask in batches(files, tok, cfg, stats, dtype):
+            for fi, flat, lengths, mask in _masked_batches(files, tok, cfg, dtype):
                 stats[fi]["documents"] += len(lengths)
                 stats[fi]["tokens"] += int(lengths.sum())
                 writer.add(flat, lengths, mask)

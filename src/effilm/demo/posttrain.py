@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 from effilm.demo.config import POSTTRAIN_LABELS as LABELS
@@ -77,32 +76,16 @@ def _data(cfg: DemoConfig, synth: dict, tokenizer: str, quiz, out: Path) -> dict
 
 
 def _train(cfg: DemoConfig, kind: str, out: Path, init_from: str, data: str, log) -> dict:
-    import torch
+    from effilm.demo.train import fresh_run, timed_train
 
-    from effilm.config.run import RunConfig
-    from effilm.demo.train import curves
-    from effilm.train.loop import train
-
-    run_dir = out / kind
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh demo run, never a resume of an older one
-    d = cfg.posttrain_run_dict(kind, str(run_dir), init_from, data)
-    atomic_write_json(out / f"{kind}.json", d)
-    rc = RunConfig.from_dict(d, where=f"demo run {kind}")
-    torch.manual_seed(cfg.seed)
-    w0, c0 = time.perf_counter(), time.process_time()
-    res = train(rc)
-    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    curve, val_loss = curves(run_dir)
-    result = {"run_dir": str(run_dir), "config": str(out / f"{kind}.json"), "final_dir": str(res.final_dir),
-              "init_from": init_from, "steps": res.steps, "tokens": res.tokens, "final_loss": res.final_loss,
-              "first_loss": curve[0]["loss"] if curve else None, "val_loss": val_loss,
-              "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
+    d = cfg.posttrain_run_dict(kind, str(out / kind), init_from, data)
+    run, _ = timed_train(fresh_run(d, out / f"{kind}.json", f"demo run {kind}"), cfg.seed)
+    result = {**run, "config": str(out / f"{kind}.json"), "init_from": init_from}
     if kind == "dpo":
         result["dpo"] = d["dpo"]
-        result["last"] = _last_rewards(run_dir)
-    log(f"  {kind}: {res.steps} steps from {Path(init_from).parent.name}/{Path(init_from).name}, loss "
-        f"{result['first_loss']:.3f} -> {res.final_loss:.3f}, {wall:.1f}s wall")
+        result["last"] = _last_rewards(Path(run["run_dir"]))
+    log(f"  {kind}: {run['steps']} steps from {Path(init_from).parent.name}/{Path(init_from).name}, loss "
+        f"{run['first_loss']:.3f} -> {run['final_loss']:.3f}, {run['wall_s']:.1f}s wall")
     return result
 
 

@@ -62,7 +62,7 @@ def synthesize(cfg: DemoConfig, out: Path) -> dict:
     write_jsonl(paths["heldout_web"], P.generate_web_corpus(n_held, cfg.num_facts, cfg.seed, start=n_web, cfg=pcfg))
     quiz = P.generate_quiz(cfg.num_facts, cfg.seed, cfg.quiz_questions_per_fact)
     write_jsonl(paths["quiz"], quiz)
-    # post-training data: chat turns and preference pairs about the same facts, in exercise phrasings
+    # post-training data: chat turns and preference pairs about the same facts, in exercise and chat phrasings
     posttrain = {"chat": out / "chat.jsonl", "preferences": out / "preferences.jsonl"}
     n_chat = write_jsonl(posttrain["chat"], P.generate_chat(cfg.chat_records, cfg.num_facts, cfg.seed, cfg=pcfg))
     n_pref = write_jsonl(posttrain["preferences"],

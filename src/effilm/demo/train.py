@@ -30,41 +30,52 @@ def curves(run_dir: Path) -> tuple[list[dict], dict]:
     return curve, (m.val[-1]["val_loss"] if m.val else {})
 
 
-def train_models(cfg: DemoConfig, tok: dict, out: Path, log=print) -> dict:
-    """Train every demo model; returns ``{name: result}`` (see ``effilm.demo.run`` for the schema)."""
+def fresh_run(d: dict, config_path: Path, where: str):
+    """The run config ``d`` written to ``config_path`` and parsed, any older run in its ``out_dir``
+    removed first (a fresh demo run, never a resume of an older one)."""
+    from effilm.config.run import RunConfig
+
+    if Path(d["out_dir"]).exists():
+        shutil.rmtree(d["out_dir"])
+    atomic_write_json(config_path, d)
+    return RunConfig.from_dict(d, where=where)
+
+
+def timed_train(rc, seed: int) -> tuple[dict, list[dict]]:
+    """Train ``rc`` from ``seed``; returns the summary every demo run reports, and its loss curve."""
     import torch
 
-    from effilm.config.run import RunConfig
     from effilm.train.loop import train
 
+    torch.manual_seed(seed)
+    w0, c0 = time.perf_counter(), time.process_time()
+    res = train(rc)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    curve, val_loss = curves(Path(rc.out_dir))
+    return {"run_dir": str(rc.out_dir), "final_dir": str(res.final_dir), "steps": res.steps, "tokens": res.tokens,
+            "final_loss": res.final_loss, "first_loss": curve[0]["loss"] if curve else None, "val_loss": val_loss,
+            "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}, curve
+
+
+def train_models(cfg: DemoConfig, tok: dict, out: Path, log=print) -> dict:
+    """Train every demo model; returns ``{name: result}`` (see ``effilm.demo.run`` for the schema)."""
     sources = {name: tok["datasets"][name]["path"] for name in ("web", "textbook")}
     results = {}
     for name in MODEL_NAMES:
-        run_dir = out / name
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # a fresh demo run, never a resume of an older one
-        d = cfg.run_dict(name, str(run_dir), tok["tokenizer"], sources)
-        atomic_write_json(out / f"{name}.json", d)
-        rc = RunConfig.from_dict(d, where=f"demo run {name}")
+        d = cfg.run_dict(name, str(out / name), tok["tokenizer"], sources)
+        rc = fresh_run(d, out / f"{name}.json", f"demo run {name}")
         log(f"  {name}: {rc.model.num_active_params():,} active / {rc.model.num_params():,} total params, "
             f"{sum(s.tokens for s in rc.data.stages):,} tokens in stages {[s.name for s in rc.data.stages]}")
-        torch.manual_seed(cfg.seed)
-        w0, c0 = time.perf_counter(), time.process_time()
-        res = train(rc)
-        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-        curve, val_loss = curves(run_dir)
+        run, curve = timed_train(rc, cfg.seed)
         results[name] = {
-            "run_dir": str(run_dir), "config": str(out / f"{name}.json"), "final_dir": str(res.final_dir),
-            "preset": d["model"]["preset"], "steps": res.steps, "tokens": res.tokens,
+            **run, "config": str(out / f"{name}.json"), "preset": d["model"]["preset"],
             "stages": [{"name": s.name, "tokens": s.tokens, "mixture": s.mixture} for s in rc.data.stages],
             "total_params": rc.model.num_params(), "active_params": rc.model.num_active_params(),
-            "flops_per_token": rc.model.flops_per_token(cfg.seq_len),
-            "final_loss": res.final_loss, "first_loss": curve[0]["loss"] if curve else None,
-            "val_loss": val_loss, "loss_curve": curve,
-            "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tokens_per_cpu_s": round(res.tokens / max(cpu, 1e-9), 1),
+            "flops_per_token": rc.model.flops_per_token(cfg.seq_len), "loss_curve": curve,
+            "tokens_per_cpu_s": round(run["tokens"] / max(run["cpu_s"], 1e-9), 1),
         }
-        log(f"  {name}: final loss {res.final_loss:.3f}, val {results[name]['val_loss']}, "
-            f"{wall:.1f}s wall, {cpu:.1f}s CPU")
+        log(f"  {name}: final loss {run['final_loss']:.3f}, val {run['val_loss']}, "
+            f"{run['wall_s']:.1f}s wall, {run['cpu_s']:.1f}s CPU")
     return results
 
 

@@ -92,8 +92,7 @@ def chat_item(rec: dict, src: str, bad) -> ChatItem | None:
     return ChatItem(messages, list(answers), str(rec.get("subject") or "general"), src, str(rec.get("id", "")))
 
 
-def score_chat(model, tokenizer, items: list[ChatItem], *, batch_size: int, max_new_tokens: int,
-               progress=None) -> list[dict]:
+def score_chat(model, tokenizer, items: list[ChatItem], *, batch_size: int, max_new_tokens: int) -> list[dict]:
     """Greedy answers for every item, in batches, and one record per item: the output, the
     references and whether they match."""
     from effilm.inference.engine import Engine
@@ -113,6 +112,4 @@ def score_chat(model, tokenizer, items: list[ChatItem], *, batch_size: int, max_
                             "question": it.question, "output": out.text,
                             "finish_reason": out.finish_reason, "answers": it.answers,
                             "correct": exact_match(out.text, it.answers)})
-        if progress is not None:
-            progress(len(batch))
     return records

@@ -259,7 +259,7 @@ class NgramIndex:
             words = frozenset()
             if len(mates):
                 for part in (0, 1):  # the question, then (same questions) the answer
-                    own = set(self._words(item)[part])
+                    own = self._words(item)[part]
                     counts = dict.fromkeys(own, 0)
                     for m in mates.tolist():
                         for w in own & self._words(m)[part]:
@@ -271,9 +271,10 @@ class NgramIndex:
         return self._distinct[item]
 
     def _words(self, item: int) -> tuple[set[str], set[str]]:
+        """The item's question words and answer words, from its normalised texts."""
         if item not in self._wordsets:
-            it = self.items[item]
-            self._wordsets[item] = (set(normalize(it.question).split()), set(normalize(it.answer).split()))
+            q, qa = (s.split() for s in self.normalized(item))
+            self._wordsets[item] = (set(q), set(qa[len(q):]))
         return self._wordsets[item]
 
     def lookup(self, grams: np.ndarray, ok: np.ndarray) -> list[tuple[int, int]]:

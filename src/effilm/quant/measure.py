@@ -11,8 +11,6 @@ from pathlib import Path
 
 from effilm.errors import EffilmError
 
-MEASURED = ("fp32", "int8", "int4-g32")
-
 
 def decode_tokens_per_s(model, *, context: int, batch: int, new_tokens: int = 32, repeats: int = 3) -> float:
     """Per-sequence decode tokens/s of effilm's engine: ``batch`` sequences with a prompt of

@@ -14,8 +14,9 @@ Python API (what the demo calls)::
     for rec in procedural.generate_preferences(1000, num_facts=200, seed=0): ...   # DPO pairs
     quiz = procedural.generate_quiz(num_facts=200, seed=0)   # MMLU-format dicts
 
-The chat and preference records ask about the same facts in the exercise phrasings, never the
-quiz's, so a chat-form quiz measures whether the model learned to answer, not the questions.
+The chat and preference records ask about the same facts in the exercise and conversational
+phrasings (``domain_facts.CHAT``), never the quiz's, so a chat-form quiz measures whether the model
+learned to answer, not the questions.
 """
 
 from __future__ import annotations
@@ -219,40 +220,36 @@ def _config(cfg: ProceduralConfig | None, **overrides) -> ProceduralConfig:
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def generate_corpus(n_records: int, num_facts: int = 200, seed: int = 0, *, start: int = 0,
-                    cfg: ProceduralConfig | None = None) -> Iterator[dict]:
-    """Yield textbook records ``start .. start+n_records-1`` (deterministic given the seed)."""
+def _records(make, n_records: int, num_facts: int, seed: int, start: int, cfg) -> Iterator[dict]:
+    """``make(i, ...)`` for records ``start .. start+n_records-1`` over the seed's facts."""
     cfg = _config(cfg, num_facts=num_facts)
     facts = F.select_facts(cfg.num_facts, seed)
     for i in range(start, start + n_records):
-        yield corpus_record(i, seed=seed, facts=facts, cfg=cfg)
+        yield make(i, seed=seed, facts=facts, cfg=cfg)
+
+
+def generate_corpus(n_records: int, num_facts: int = 200, seed: int = 0, *, start: int = 0,
+                    cfg: ProceduralConfig | None = None) -> Iterator[dict]:
+    """Yield textbook records ``start .. start+n_records-1`` (deterministic given the seed)."""
+    return _records(corpus_record, n_records, num_facts, seed, start, cfg)
 
 
 def generate_web_corpus(n_records: int, num_facts: int = 200, seed: int = 0, *, start: int = 0,
                         cfg: ProceduralConfig | None = None) -> Iterator[dict]:
     """Yield web-like records ``start .. start+n_records-1`` (deterministic given the seed)."""
-    cfg = _config(cfg, num_facts=num_facts)
-    facts = F.select_facts(cfg.num_facts, seed)
-    for i in range(start, start + n_records):
-        yield web_record(i, seed=seed, facts=facts, cfg=cfg)
+    return _records(web_record, n_records, num_facts, seed, start, cfg)
 
 
 def generate_chat(n_records: int, num_facts: int = 200, seed: int = 0, *, start: int = 0,
                   cfg: ProceduralConfig | None = None) -> Iterator[dict]:
     """Yield chat records ``start .. start+n_records-1`` (deterministic given the seed)."""
-    cfg = _config(cfg, num_facts=num_facts)
-    facts = F.select_facts(cfg.num_facts, seed)
-    for i in range(start, start + n_records):
-        yield chat_record(i, seed=seed, facts=facts, cfg=cfg)
+    return _records(chat_record, n_records, num_facts, seed, start, cfg)
 
 
 def generate_preferences(n_records: int, num_facts: int = 200, seed: int = 0, *, start: int = 0,
                          cfg: ProceduralConfig | None = None) -> Iterator[dict]:
     """Yield preference records ``start .. start+n_records-1`` (deterministic given the seed)."""
-    cfg = _config(cfg, num_facts=num_facts)
-    facts = F.select_facts(cfg.num_facts, seed)
-    for i in range(start, start + n_records):
-        yield preference_record(i, seed=seed, facts=facts, cfg=cfg)
+    return _records(preference_record, n_records, num_facts, seed, start, cfg)
 
 
 def generate_quiz(num_facts: int = 200, seed: int = 0, questions_per_fact: int = 1) -> list[dict]:

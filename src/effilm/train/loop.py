@@ -28,12 +28,7 @@ from effilm.errors import EffilmError
 from effilm.train.checkpointer import Checkpointer, Position
 from effilm.train.init import load_initial_weights, resolve_init
 from effilm.train.metrics import MetricsLog, Window
-from effilm.train.objectives import (
-    MicroLoss,
-    Objective,
-    StepContext,
-    make_objective,
-)
+from effilm.train.objectives import MicroLoss, Objective, StepContext, make_objective
 from effilm.train.parallel import Dist, clip_grad_norm_, init_distributed, parallelize
 
 
