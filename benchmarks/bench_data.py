@@ -1,13 +1,20 @@
 """Data pipeline throughput: tokenizer training, tokenizing into shards (1 vs N workers), loader;
-and the peak memory of each data command on one very large record.
+the learned quality filter; and the peak memory of each data command on one very large record.
 
-Usage: PYTHONPATH=src python benchmarks/bench_data.py [--docs 20000] [--record-mb 50] [--out benchmarks/results/bench_data.json]
+Usage: PYTHONPATH=src python benchmarks/bench_data.py [--docs 20000] [--record-mb 50] [--quality-mb 20] [--out benchmarks/results/bench_data.json]
 Prints tables and writes JSON. The corpus is synthetic (random words), generated in a temp dir.
 
 Memory: a JSONL file holding one ``--record-mb`` record (and a small one) goes through ``effilm
 dedup``, ``data tokenize``, ``decontam``, ``tokenizer train`` and ``filter``, each in a fresh
 process whose peak resident memory (``VmHWM``) is read when it ends. The target is under 1 GB for
 a 50 MB record (``--record-mb 0`` skips this part).
+
+Quality filter (``--quality-mb``, 0 skips): a procedural web-like corpus of about that size
+(``web_varied``) is annotated by the procedural backend and an n-gram classifier trained on its
+first 4000 documents; then the classifier scores the corpus's text in the filter's batches in
+this one process (one core: the median of ``--repeats`` runs; target at least 20 MB/s per core),
+and ``effilm filter --classifier`` runs end to end (heuristics + classifier, JSON in and out) with
+1 and ``--workers`` processes, in MB of input file per second.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--loader-batches", type=int, default=200)
     ap.add_argument("--record-mb", type=float, default=50.0, help="size of the one large record (0: skip)")
+    ap.add_argument("--quality-mb", type=float, default=20.0, help="size of the quality-filter corpus (0: skip)")
+    ap.add_argument("--repeats", type=int, default=5, help="runs of the classifier timing (median reported)")
     ap.add_argument("--out", default=str(RESULTS / "bench_data.json"), help="results JSON path")
     args = ap.parse_args(argv)
 
@@ -86,18 +95,25 @@ def main(argv=None) -> int:
         rows.append({"what": f"loader [{args.micro_batch}, {args.seq_len + 1}] batches", "seconds": dt,
                      "rate": args.loader_batches * args.micro_batch * args.seq_len / dt, "unit": "tokens/s"})
         memory = peak_memory(tmp, tok, args.record_mb, vocab, rng) if args.record_mb > 0 else []
+        quality = quality_filter(tmp, args) if args.quality_mb > 0 else []
 
     print(f"corpus: {args.docs} docs, {mb:.1f} MB; vocab {args.vocab_size}; {os.cpu_count()} CPUs")
     print(f"{'measure':40s} {'seconds':>9s} {'rate':>14s}")
     for r in rows:
         print(f"{r['what']:40s} {r['seconds']:9.2f} {r['rate']:14,.0f} {r['unit']}")
+    if quality:
+        print("\nlearned quality filter (n-gram classifier)")
+        print(f"{'measure':52s} {'MB':>7s} {'seconds':>8s} {'MB/s':>8s}")
+        for r in quality:
+            print(f"{r['what']:52s} {r['mb']:7.1f} {r['seconds']:8.2f} {r['mb_per_s']:8.1f}")
     if memory:
         print(f"\npeak memory on one {args.record_mb:g} MB record (target: under 1 GB each)")
         print(f"{'command':20s} {'peak RSS':>10s} {'seconds':>8s}")
         for r in memory:
             print(f"{r['command']:20s} {r['peak_rss_mb']:8.0f} MB {r['seconds']:8.1f}")
     atomic_write_json(args.out, {"args": vars(args), "corpus_mb": mb, "cpus": os.cpu_count(),
-                                 "python": platform.python_version(), "results": rows, "memory": memory})
+                                 "python": platform.python_version(), "results": rows, "memory": memory,
+                                 "quality_filter": quality})
     return 0
 
 
@@ -109,6 +125,56 @@ hwm = [int(line.split()[1]) for line in open("/proc/self/status") if line.starts
 print("PEAK_KB", hwm[0], file=sys.stderr)
 sys.exit(rc)
 """
+
+
+def quality_filter(tmp: Path, args) -> list[dict]:
+    """Classifier scoring speed on one core, and ``effilm filter --classifier`` end to end."""
+    import statistics
+
+    from effilm.data.classifier import load_classifier
+    from effilm.data.classifier_train import ClassifierConfig, train_classifier
+    from effilm.data.filters import FilterConfig, _batches, filter_files
+    from effilm.io import iter_jsonl
+    from effilm.synth import procedural
+    from effilm.synth.annotate import AnnotateConfig, annotate
+
+    cfg = procedural.ProceduralConfig(web_varied=True)
+    corpus = tmp / "web.jsonl"
+    with open(corpus, "w", encoding="utf-8") as fh:
+        i = 0
+        while fh.tell() < args.quality_mb * 1e6:
+            for rec in procedural.generate_web_corpus(2000, 200, 0, start=i, cfg=cfg):
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            i += 2000
+    head = tmp / "web-head.jsonl"
+    with open(corpus, encoding="utf-8") as src, open(head, "w", encoding="utf-8") as dst:
+        for _ in range(4000):
+            dst.write(src.readline())
+    annotate([head], tmp / "ann", AnnotateConfig(quiet=True), log=lambda m: None)
+    report = train_classifier([tmp / "ann"], tmp / "clf", ClassifierConfig())
+    clf = load_classifier(tmp / "clf")
+    texts = [rec["text"] for _, rec in iter_jsonl(corpus)]
+    text_mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    file_mb = corpus.stat().st_size / 1e6
+    batches = [b for b in _batches(texts, FilterConfig().batch_records)]
+    clf.score(batches[0])  # warm-up: the hashing tables
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for b in batches:
+            clf.score(b)
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    rows = [{"what": f"classifier score, 1 process (median of {args.repeats})", "mb": text_mb, "seconds": dt,
+             "mb_per_s": text_mb / dt, "runs_s": times, "f1": report["features"]["ngram"]["f1"]}]
+    for w in sorted({1, args.workers}):
+        t0 = time.perf_counter()
+        filter_files([corpus], tmp / f"filtered{w}", tmp / f"filtered{w}.json",
+                     FilterConfig(classifier=str(tmp / "clf"), min_words=1, workers=w))
+        dt = time.perf_counter() - t0
+        rows.append({"what": f"effilm filter --classifier, workers={w} (file MB)", "mb": file_mb, "seconds": dt,
+                     "mb_per_s": file_mb / dt})
+    return rows
 
 
 def peak_memory(tmp: Path, tok: Path, record_mb: float, vocab, rng) -> list[dict]:

@@ -7,11 +7,14 @@ random weights, exported with ``effilm.save_hf`` so both libraries load the same
 
 1. single sequence: time to first token (a 1-token generation: prefill plus one sample) and decode
    tokens/s (the tokens after the first, over the time after the first), greedy, EOS disabled so
-   every run makes exactly ``--new-tokens`` tokens. The arms are effilm fp32, effilm int8 (RTN,
-   per-channel, ``effilm.quant.quantize``), transformers fp32, and, when llama_cpp is importable,
-   llama.cpp on the model's GGUF export (f32 and q8_0, with a tokenizer trained here so llama.cpp
+   every run makes exactly ``--new-tokens`` tokens. The arms are effilm fp32; effilm int8 (RTN,
+   per-channel) and int4 (RTN, groups of 32, symmetric), each with the fast packed CPU kernels
+   (bf16 activations, the engine's default) and the exact fp32 kernel
+   (``effilm.models.quantized``); transformers fp32; and, when llama_cpp is importable, llama.cpp
+   on the model's GGUF export (f32, q8_0 and q4_0, with a tokenizer trained here so llama.cpp
    loads it). Runs are interleaved and the median of ``--repeats`` is reported; every "vs HF"
-   ratio is against transformers fp32 on the same model in the same run;
+   ratio is against transformers fp32 and every "vs fp32" ratio against effilm fp32, on the same
+   model in the same run;
 2. batched throughput at batch 1, 8 and 32 (generated tokens / wall time, prompts of different
    lengths, left-padded), for effilm fp32 / int8 and transformers (llama-cpp-python's API runs one
    sequence at a time, so llama.cpp has no batched rows).
@@ -20,7 +23,12 @@ random weights, exported with ``effilm.save_hf`` so both libraries load the same
 whatever ``effilm.formats.load.load`` reads, quantized checkpoints included): transformers runs on
 it when it is an HF directory or when ``effilm.save_hf`` can export it, else its rows are skipped.
 Repeat ``--model`` for several rows (e.g. fp32 and int8). ``--no-int8`` / ``--no-llama-cpp`` drop
-those arms.
+those arms; ``--dense-only`` skips the MoE model, ``--no-exact`` the exact-kernel quantized arms.
+
+The quantized-decode target (issue 17, section 4), at batch 1 on a d=1024, 8-layer dense model::
+
+    PYTHONPATH=src python benchmarks/bench_decode.py --hidden 1024 --layers 8 --dense-only --no-hf \
+        --batch-sizes --threads 1
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"  # every benchmark writes its JSON here (--out)
 
 
-def _tiny_models(root: Path, hidden: int, layers: int, vocab: int) -> list[tuple[str, Path]]:
+def _tiny_models(root: Path, hidden: int, layers: int, vocab: int, dense_only: bool = False) -> list[tuple[str, Path]]:
     """The default pair: a tiny Phi-3 (dense) and a tiny Mixtral-style MoE, exported to HF format.
     FFN width is 3 x hidden (experts 1.5 x hidden); heads of 32 dims, 2 query heads per KV head. The
     dense model carries a sliding window as Phi-3's config does, as long as its context (so the GGUF
@@ -57,7 +65,7 @@ def _tiny_models(root: Path, hidden: int, layers: int, vocab: int) -> list[tuple
                                                     **common)),
     ]
     out = []
-    for label, cfg in specs:
+    for label, cfg in specs[:1] if dense_only else specs:
         d = effilm.save_hf(build_model(cfg, seed=0).eval(), root / cfg.name)
         out.append((label, d))
     return out
@@ -87,7 +95,7 @@ def _llama_cpp(model, tok_dir: Path | None, out: Path, n_ctx: int) -> dict:
 
     runners = {}
     out.mkdir(parents=True, exist_ok=True)
-    for qt in ("f32", "q8_0"):
+    for qt in ("f32", "q8_0", "q4_0"):
         try:
             path = export_gguf(model, out / f"{out.name}-{qt}.gguf", qt, tok_dir)
         except Exception as exc:  # noqa: BLE001 - e.g. an architecture llama.cpp has no layout for
@@ -168,10 +176,10 @@ def _run_hf(hf, prompts, new_tokens: int) -> float:
     return dt
 
 
-def _engine(model):
+def _engine(model, kernel: str = "fast"):
     from effilm.inference.engine import Engine
 
-    engine = Engine(model, None, eos_ids=())
+    engine = Engine(model, None, eos_ids=(), quant_kernel=kernel)
     engine.eos_ids = frozenset()  # token-id benchmark: never stop early
     return engine
 
@@ -190,8 +198,16 @@ def bench_model(label: str, path: Path, tmp: Path, args, tok_dir: Path | None = 
         from effilm.config.quant import QuantConfig
         from effilm.quant.quantize import quantize_model
 
-        q_engine = _engine(quantize_model(load(path), QuantConfig(bits=8))[0])
-        runners["effilm int8"] = batched["effilm int8"] = lambda p, n: _run_effilm(q_engine, p, n)
+        for fmt, qcfg in (("int8", QuantConfig(bits=8)), ("int4", QuantConfig(bits=4, group_size=32))):
+            qmodel = quantize_model(load(path), qcfg)[0]
+            for kernel in ("fast",) if args.no_exact else ("fast", "exact"):
+                arm = f"effilm {fmt} {kernel}"
+                q_engine = _engine(qmodel, kernel)  # sets the kernel of qmodel's layers, in place
+                if kernel == "fast":
+                    qmodel = quantize_model(load(path), qcfg)[0]  # the exact arm gets its own copy
+                runners[arm] = (lambda e: lambda p, n: _run_effilm(e, p, n))(q_engine)
+                if kernel == "fast":
+                    batched[arm] = runners[arm]
     if hf is not None:
         runners["transformers"] = batched["transformers"] = lambda p, n: _run_hf(hf, p, n)
     if extra_arms and not args.no_llama_cpp:
@@ -224,15 +240,22 @@ def bench_model(label: str, path: Path, tmp: Path, args, tok_dir: Path | None = 
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'model':30s} {'engine':15s} {'bench':8s} {'batch':>5s} {'TTFT ms':>9s} {'tok/s':>9s} {'vs HF':>7s}")
+    print(f"\n{'model':30s} {'engine':19s} {'bench':8s} {'batch':>5s} {'TTFT ms':>9s} {'tok/s':>9s} {'vs HF':>7s} "
+          f"{'vs fp32':>7s}")
     ref = {(r["model"], r["bench"], r["batch"]): r for r in rows if r["engine"] == "transformers"}
+    ours = {(r["model"], r["bench"], r["batch"]): r for r in rows if r["engine"] == "effilm"}
+
+    def rate(r):
+        return r.get("decode_tok_s", r.get("throughput_tok_s"))
+
     for r in rows:
-        tps = r.get("decode_tok_s", r.get("throughput_tok_s"))
-        base = ref.get((r["model"], r["bench"], r["batch"]))
-        ratio = tps / base.get("decode_tok_s", base.get("throughput_tok_s")) if base else None
+        tps = rate(r)
+        key = (r["model"], r["bench"], r["batch"])
+        ratio = tps / rate(ref[key]) if key in ref else None
+        vs_fp32 = tps / rate(ours[key]) if key in ours else None
         ttft = f"{r['ttft_ms']:9.2f}" if "ttft_ms" in r else " " * 9
-        print(f"{r['model']:30s} {r['engine']:15s} {r['bench']:8s} {r['batch']:5d} {ttft} {tps:9.1f} "
-              f"{(f'{ratio:6.2f}x' if ratio else '      -')}")
+        print(f"{r['model']:30s} {r['engine']:19s} {r['bench']:8s} {r['batch']:5d} {ttft} {tps:9.1f} "
+              f"{(f'{ratio:6.2f}x' if ratio else '      -')} {(f'{vs_fp32:6.2f}x' if vs_fp32 else '      -')}")
 
 
 def main(argv=None) -> int:
@@ -245,11 +268,14 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (the longest in a batch)")
     ap.add_argument("--repeats", type=int, default=5, help="repeats per measurement (median reported)")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="batched-throughput sizes")
+    ap.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 8, 32],
+                    help="batched-throughput sizes (none: skip the batched rows)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
-    ap.add_argument("--no-int8", action="store_true", help="skip the effilm int8 rows of the tiny models")
+    ap.add_argument("--no-int8", action="store_true", help="skip the effilm int8 and int4 rows of the tiny models")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp rows of the tiny models")
+    ap.add_argument("--no-exact", action="store_true", help="skip the exact-kernel int8 / int4 arms (slow)")
+    ap.add_argument("--dense-only", action="store_true", help="benchmark only the tiny dense model")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a smoke run)")
     ap.add_argument("--out", default=str(RESULTS / "bench_decode.json"), help="results JSON path")
     args = ap.parse_args(argv)
@@ -267,7 +293,7 @@ def main(argv=None) -> int:
         if args.model:
             models, tok_dir = [(Path(m).name, Path(m)) for m in args.model], None
         else:
-            models = _tiny_models(tmp, args.hidden, args.layers, args.vocab)
+            models = _tiny_models(tmp, args.hidden, args.layers, args.vocab, args.dense_only)
             tok_dir = None if args.no_llama_cpp else _tokenizer(tmp, args.vocab)
         for label, path in models:
             print(f"benchmarking {label} ({path})", flush=True)
@@ -277,7 +303,7 @@ def main(argv=None) -> int:
 
     atomic_write_json(args.out, {"python": sys.version.split()[0], "machine": platform.machine(),
                                   "torch": torch.__version__, "transformers": transformers.__version__,
-                                  "threads": args.threads, "argv": sys.argv[1:], "dtype": "as stored (fp32 for the tiny models; 'effilm int8' is their RTN int8 copy)",
+                                  "threads": args.threads, "argv": sys.argv[1:], "dtype": "as stored (fp32 for the tiny models; 'effilm int8/int4 fast/exact' are their RTN int8 / int4-g32 copies on the packed bf16 CPU kernels / the exact fp32 path)",
                                   "rows": rows})
     print(f"wrote {Path(args.out)}")
     return 0

@@ -4,7 +4,9 @@ A tiny Phi-3-style dense model and a tiny Mixtral-style MoE model are built in e
 ``effilm.formats.hf.save_hf`` and loaded by transformers (``Phi3ForCausalLM``, ``MixtralForCausalLM``), so
 both sides train the same architecture from the same weights. One step is forward + loss (with the
 MoE auxiliary loss on both sides) + backward + gradient clipping + AdamW, on ``batch x seq``
-tokens. effilm's step is the trainer's own code (``effilm.train.objectives.LanguageModeling``). For the MoE model
+tokens. effilm's step is the trainer's own code (``effilm.train.objectives.LanguageModeling``); for the
+MoE model a second effilm arm, ``effilm[loss-free]``, trains with loss-free balancing (no Switch loss;
+the selection biases move after each step) and its step time is reported against the Switch arm's. For the MoE model
 transformers' eager and grouped_mm experts implementations are timed (batched_mm gathers a
 weight matrix per assignment, several GiB at these sizes, and is left out).
 
@@ -20,6 +22,7 @@ Run: PYTHONPATH=src python benchmarks/bench_train.py [--quick] [--out benchmarks
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -48,22 +51,29 @@ def model_configs(quick: bool) -> dict:
 
 
 def effilm_step_fn(model, opt, tokens, clip):
+    """One training step as the trainer takes it; under loss-free balancing (the model's
+    ``moe.balance``), the Switch loss leaves the loss and the selection biases move after the step."""
     import torch
 
+    from effilm.models.moe import update_selection_biases
     from effilm.train.objectives import LanguageModeling, StepContext
     from effilm.train.parallel import Dist
 
     batch = SimpleNamespace(tokens=tokens, doc_ids=None)
     objective = LanguageModeling()
     ctx = StepContext(torch.device("cpu"), global_count=objective.global_count([batch], Dist()))
+    moe = model.cfg.moe
+    loss_free = moe is not None and moe.balance == "loss_free"
 
     def step():
-        loss = objective.micro_loss(model, batch, ctx).loss
-        loss.backward()
+        out = objective.micro_loss(model, batch, ctx)
+        out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        if loss_free:
+            update_selection_biases(model, torch.stack([s.counts_E for s in out.routing]), moe.bias_update_rate)
+        return float(out.loss.detach())
 
     return step
 
@@ -124,6 +134,10 @@ def bench_model(name: str, cfg, arch: str, batch: int, seq: int, rounds: int, st
     arms = {}
     model = build_model(cfg, seed=0).train()
     arms["effilm"] = effilm_step_fn(model, torch.optim.AdamW(model.parameters(), lr=1e-4), tokens, 1.0)
+    if cfg.has_moe:  # the same model and weights with loss-free balancing instead of the Switch loss
+        lf_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, balance="loss_free"))
+        lf = build_model(lf_cfg, seed=0).train()
+        arms["effilm[loss-free]"] = effilm_step_fn(lf, torch.optim.AdamW(lf.parameters(), lr=1e-4), tokens, 1.0)
     # batched_mm gathers one full expert weight matrix per assignment (several GiB at these sizes,
     # 15 GiB resident in a trial run): it is left out, as in bench_moe.py
     impls = ["eager", "grouped_mm"] if cfg.has_moe else [None]
@@ -158,6 +172,7 @@ def bench_model(name: str, cfg, arch: str, batch: int, seq: int, rounds: int, st
         "speedup_vs_fastest_transformers": med[fastest_hf] / med["effilm"],
         "speedup_vs_each_transformers": {k: med[k] / med["effilm"] for k in hf_arms},
         "floor_fraction": med["matmul floor"] / med["effilm"],
+        **({"loss_free_over_switch": med["effilm[loss-free]"] / med["effilm"]} if "effilm[loss-free]" in med else {}),
     }
 
 
@@ -186,6 +201,9 @@ def main(argv=None) -> int:
             print(f"  {k:26s} {v:8.3f} {r['tokens_per_s'][k]:9.0f}  {ratio}")
         print(f"  effilm vs fastest transformers ({r['fastest_transformers']}): {r['speedup_vs_fastest_transformers']:.2f}x; "
               f"effilm reaches {100 * r['floor_fraction']:.0f}% of the matmul floor's speed")
+        if "loss_free_over_switch" in r:
+            print(f"  loss-free balancing step time / Switch-loss step time: {r['loss_free_over_switch']:.3f} "
+                  "(target: within 3%)")
     meta = {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick,
             "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -76,8 +76,10 @@ def _subcommands(parser, prefix=()):
 
 def _config_classes():
     from effilm.config.data import TokenizeConfig, TokenizerTrainConfig
+    from effilm.config.model import UpcycleConfig
     from effilm.config.quant import QuantConfig
     from effilm.config.run import RunConfig
+    from effilm.data.classifier_train import ClassifierConfig
     from effilm.data.dedup import DedupConfig
     from effilm.data.filters import FilterConfig
     from effilm.demo.config import DemoConfig
@@ -88,6 +90,7 @@ def _config_classes():
     from effilm.inference.sampling import SamplingParams
     from effilm.reports.plots import PlotConfig
     from effilm.serve.app import ServeConfig
+    from effilm.synth.annotate import AnnotateConfig
     from effilm.synth.recipe import Recipe
     from effilm.synth.runner import SynthOptions
 
@@ -98,6 +101,8 @@ def _config_classes():
         ("filter",): [FilterConfig], ("eval",): [EvalConfig, TaskConfig],
         ("decontam",): [DecontamConfig, TaskConfig], ("train",): [RunConfig], ("plot",): [PlotConfig],
         ("generate",): [SamplingParams], ("serve",): [ServeConfig], ("quantize",): [QuantConfig],
+        ("annotate",): [AnnotateConfig], ("classifier",): [], ("classifier", "train"): [ClassifierConfig],
+        ("upcycle",): [UpcycleConfig],
     }  # fmt: skip
 
 

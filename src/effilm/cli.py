@@ -28,6 +28,7 @@ COMMAND_MODULES: list[str] = [
     "effilm.commands.generate",
     "effilm.commands.serve",
     "effilm.commands.ship",
+    "effilm.commands.quality",
 ]
 
 

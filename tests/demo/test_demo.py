@@ -16,8 +16,8 @@ import torch
 from repo import CONFIGS, SCRIPTS
 from repo import SRC as SRC_DIR
 
-from effilm.demo.config import MODEL_NAMES, DemoConfig
-from effilm.demo.notes import build_notes
+from effilm.demo.config import MODEL_NAMES, MOE_RUNS, DemoConfig
+from effilm.demo.notes import build_notes, fact_statements
 from effilm.demo.run import STAGES, missing_modules, run_pipeline
 from effilm.errors import ConfigError
 
@@ -60,7 +60,7 @@ def test_quick_summary_structure_and_timings(quick):
         assert f"== {STAGES.index(name) + 1}. {name} ==" in stdout
     assert s["timings"]["train"]["cpu_s"] > 0 and s["timings"]["total"]["cpu_s"] >= s["timings"]["train"]["cpu_s"]
     assert set(s["train"]) == set(s["evaluate"]) == set(MODEL_NAMES)
-    assert {n["topic"] for n in s["notes"]} >= {"cloze_vs_chance", "textbook_vs_web", "moe_vs_dense",
+    assert {n["topic"] for n in s["notes"]} >= {"cloze_vs_chance", "textbook_vs_web", "filtered_web", "moe_vs_dense",
                                                   "letter_scoring", "decontamination", "scale"}
     assert "== what this shows ==" in stdout
     assert set(s["costs"]) == {"arctic", "phi-3-mini-4k", "openelm-270m"}
@@ -104,17 +104,67 @@ def test_quick_planted_leaks_found_exactly(quick):
 def test_quick_models_equal_budgets_and_active_params(quick):
     _, _, s = quick
     tr = s["train"]
-    assert len({t["tokens"] for t in tr.values()}) == 1
+    assert len({t["tokens_total"] for t in tr.values()}) == 1
     dense, arctic = tr["dense-textbook"], tr["arctic-textbook"]
-    assert abs(arctic["active_params"] - dense["active_params"]) / dense["active_params"] < 0.02
-    assert arctic["total_params"] > 3 * dense["total_params"]
+    for name in MOE_RUNS:
+        assert abs(tr[name]["active_params"] - dense["active_params"]) / dense["active_params"] < 0.02, name
+        assert tr[name]["total_params"] > 3 * dense["total_params"] and tr[name]["balance"] == MOE_RUNS[name]
+        assert all(x >= 1.0 for x in tr[name]["final_balance"]["load_max_over_mean"])
+    up = tr["arctic-upcycled"]
+    assert up["upcycled_from"]["run"] == "dense-textbook" and up["tokens"] + up["upcycled_from"]["tokens"] == dense["tokens"]
+    assert Path(up["upcycled_from"]["checkpoint"]).name == f"step-{up['upcycled_from']['step']:08d}"
+    assert [st["name"] for st in up["stages"]] == ["textbook"]
     assert [st["name"] for st in tr["dense-web"]["stages"]] == ["web"]
     assert [st["name"] for st in dense["stages"]] == ["web", "textbook"] == [st["name"] for st in arctic["stages"]]
+    assert s["evaluate"]["arctic-upcycled"]["trained_on"] == ["textbook", "web"]  # its dense steps read web text
     for name, t in tr.items():
         records = [r for r in _jsonl(Path(t["run_dir"]) / "metrics.jsonl") if r["kind"] == "train"]
         assert records[-1]["tokens"] == t["tokens"] and records[-1]["step"] == t["steps"], name
         assert math.isfinite(t["final_loss"]) and t["final_loss"] < t["first_loss"], name
         assert (Path(t["final_dir"]) / "tokenizer.json").is_file()
+
+
+def test_quick_quality_filter_keeps_the_top_share(quick):
+    out, stdout, s = quick
+    cfg = DemoConfig.quick()
+    qf, syn = s["clean"]["quality_filter"], s["synthesize"]
+    # the classifier learned from a slice generated apart from the corpus it filters
+    ann = _jsonl(syn["paths"]["annotate_web"])
+    assert len(ann) == cfg.annotate_records == qf["annotations"]["scored"] and qf["annotations"]["unscored"] == 0
+    assert not {r["id"] for r in ann} & {r["id"] for r in _jsonl(s["clean"]["paths"]["web"])}
+    clf = json.loads((Path(qf["classifier"]["path"]) / "classifier.json").read_text())
+    assert clf["features"]["kind"] == "ngram" and Path(qf["classifier"]["png"]).is_file()
+    assert 0.5 < qf["classifier"]["f1"] <= 1 and qf["classifier"]["split"]["test"] > 0
+    # the top share by score, from the cleaned web corpus, each record with its score
+    web = _jsonl(s["clean"]["paths"]["web"])
+    kept = _jsonl(s["clean"]["paths"]["web_filtered"])
+    assert qf["input_documents"] == len(web) and qf["rejected_by_filter"] == 0
+    assert len(kept) == qf["kept_documents"] == round(cfg.filter_keep_fraction * len(web))
+    assert {r["id"] for r in kept} <= {r["id"] for r in web}
+    assert min(r["quality"] for r in kept) == qf["score_cutoff"] >= max(e["score"] for e in qf["examples"]["low"])
+    assert qf["kept"]["documents"] + qf["dropped"]["documents"] == len(web)
+    # why: the kept documents state more facts among fewer distractor lines, as the rubric rewards
+    assert qf["kept"]["facts_per_document"] > qf["dropped"]["facts_per_document"]
+    assert qf["kept"]["noise_lines_per_document"] < qf["dropped"]["noise_lines_per_document"]
+    assert qf["kept"]["mean_rubric_score"] > qf["dropped"]["mean_rubric_score"]
+    assert len(qf["examples"]["high"]) == len(qf["examples"]["low"]) == cfg.filter_examples
+    assert min(e["score"] for e in qf["examples"]["high"]) >= max(e["score"] for e in qf["examples"]["low"])
+    # the same tokenizer, the same budget, dense-textbook's stage split with filtered web in place of textbook
+    d = s["tokenize"]["datasets"]["web_filtered"]
+    assert d["documents"] == len(kept) and d["tokens"] < s["tokenize"]["datasets"]["web"]["tokens"]
+    tr, ev = s["train"], s["evaluate"]
+    assert [st["name"] for st in tr["dense-filtered"]["stages"]] == ["web", "web_filtered"]
+    assert [st["tokens"] for st in tr["dense-filtered"]["stages"]] == [st["tokens"] for st in tr["dense-textbook"]["stages"]]
+    assert ev["dense-filtered"]["trained_on"] == ["web", "web_filtered"] and ev["dense-filtered"]["contamination"]["contaminated"] == 0
+    assert "quality filter: classifier F1" in stdout
+    # the note's "why": the filtered model reads each fact more often than the web-only one, at equal tokens
+    seen = fact_statements(s)
+    assert seen["dense-filtered"] > seen["dense-web"] > 0
+    note = {n["topic"]: n for n in s["notes"]}["filtered_web"]
+    assert f"each fact is stated about {seen['dense-filtered']} times" in note["text"]
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "What filtering buys" in md and "dense, web then filtered web" in md
+    assert qf["examples"]["high"][0]["text"].split("\n")[0].replace("|", "\\|") in md
 
 
 def test_quick_posttrain_stage(quick):
@@ -270,38 +320,56 @@ def test_run_configs_equal_tokens_and_shapes(tmp_path):
     from effilm.config.run import RunConfig
 
     cfg = DemoConfig()
-    runs = {m: RunConfig.from_dict(cfg.run_dict(m, str(tmp_path / m), "tok", {"web": "w", "textbook": "t"}))
-            for m in MODEL_NAMES}
+    dicts = {m: cfg.run_dict(m, str(tmp_path / m), "tok", {"web": "w", "textbook": "t", "web_filtered": "f"})
+             for m in MODEL_NAMES}
+    up = dicts.pop("arctic-upcycled")  # its architecture comes from dense-textbook's checkpoint (not built here)
+    runs = {m: RunConfig.from_dict(d) for m, d in dicts.items()}
     budgets = {m: sum(s.tokens for s in r.data.stages) for m, r in runs.items()}
+    budgets["arctic-upcycled"] = sum(st["tokens"] for st in up["data"]["stages"]) + cfg.upcycle_step * cfg.tokens_per_step
     assert len(set(budgets.values())) == 1 and budgets["dense-web"] >= cfg.train_tokens
+    assert up["model"]["init_from"] == str(tmp_path / "dense-textbook" / "checkpoints" / f"step-{cfg.upcycle_step:08d}")
+    assert runs["dense-textbook"].train.save_every == cfg.upcycle_step
+    assert up["model"]["upcycle"] == {"experts": cfg.num_experts, "top_k": cfg.ffn_mult - 1, "pattern": "H",
+                                      "granularity": cfg.ffn_mult, "residual": "slice", "seed": cfg.seed}
     web = runs["dense-textbook"].data.stages[0].tokens / budgets["dense-textbook"]
     assert abs(web - cfg.web_stage_fraction) < 0.01
+    assert [(s.tokens, list(s.mixture)) for s in runs["dense-filtered"].data.stages] == [
+        (runs["dense-textbook"].data.stages[0].tokens, ["web"]), (runs["dense-textbook"].data.stages[1].tokens, ["web_filtered"])]
     d, a = runs["dense-textbook"].model, runs["arctic-textbook"].model
     assert abs(a.num_active_params() - d.num_active_params()) / d.num_active_params() < 0.02
     assert a.num_params() > 3 * d.num_params() and a.layer_pattern == "H" and d.layer_pattern == "D"
 
 
-def _fake_summary(tb: float, web: float, ar: float, se: float = 0.04) -> dict:
+def _fake_summary(tb: float, web: float, ar: float, se: float = 0.04, filtered: float | None = None) -> dict:
     def ev(acc):
         return {"cloze": {"acc": acc, "stderr": se}, "letter": {"acc": 0.25, "stderr": se},
-                "bits_per_byte": {"heldout_textbook": 2.0 - acc}, "predicted_letters": {"A": 90, "B": 10}}
+                "bits_per_byte": {"heldout_textbook": 2.0 - acc, "heldout_web": 3.0 - acc}, "predicted_letters": {"A": 90, "B": 10}}
 
     def tr(total):
         return {"tokens": 1000, "active_params": 100, "total_params": total, "cpu_s": 10.0}
 
     leak = {"planted": [1, 2], "found_items": ["a", "b"], "missed": [], "false_positives": [], "exact": True,
             "confirm_threshold": 0.5, "window_words": 0, "without_distinguishing_words": {"false_positives": ["c"]}}
-    return {"evaluate": {"dense-web": ev(web), "dense-textbook": ev(tb), "arctic-textbook": ev(ar)},
-            "train": {"dense-web": tr(100), "dense-textbook": tr(100), "arctic-textbook": tr(400)},
-            "synthesize": {"quiz": {"chance": 0.25, "items": 100}, "facts": {"count": 100}},
-            "clean": {"planted_leak_check": leak,
-                      "corpora": {"web": {"decontam": {"after_cleaning": {"contaminated": 0}}}}}}
+    s = {"evaluate": {"dense-web": ev(web), "dense-textbook": ev(tb), "arctic-textbook": ev(ar)},
+         "train": {"dense-web": tr(100), "dense-textbook": tr(100), "arctic-textbook": tr(400)},
+         "synthesize": {"quiz": {"chance": 0.25, "items": 100}, "facts": {"count": 100}},
+         "clean": {"planted_leak_check": leak,
+                   "corpora": {"web": {"decontam": {"after_cleaning": {"contaminated": 0}}}}}}
+    if filtered is not None:
+        s["evaluate"]["dense-filtered"], s["train"]["dense-filtered"] = ev(filtered), tr(100)
+        group = {"facts_per_document": 3.5, "noise_lines_per_document": 2.0}
+        s["clean"]["quality_filter"] = {
+            "annotations": {"scored": 1000}, "keep_fraction": 0.3, "kept_documents": 1200, "input_documents": 4000,
+            "score_cutoff": 3.4, "kept": group, "dropped": {"facts_per_document": 1.6, "noise_lines_per_document": 4.7},
+            "classifier": {"f1": 0.9, "threshold": 3.0, "split": {"test": 200}}}
+    return s
 
 
 def test_notes_report_either_way():
     up = {n["topic"]: n for n in build_notes(_fake_summary(0.8, 0.3, 0.95), 2.0, 0.5)}
     assert up["textbook_vs_web"]["shows"] and " beat the web-only" in up["textbook_vs_web"]["text"]
     assert up["moe_vs_dense"]["shows"] and "MoE ahead" in up["moe_vs_dense"]["text"]
+    assert "The best, Switch loss, is ahead of dense" in up["moe_vs_dense"]["text"]
     assert up["cloze_vs_chance"]["shows"] and "met on this seed" in up["cloze_vs_chance"]["text"]
     assert not up["letter_scoring"]["shows"] and "none clearly above chance" in up["letter_scoring"]["text"]
     assert "takes 90.0%, 90.0%, 90.0%" in up["letter_scoring"]["text"]
@@ -313,6 +381,12 @@ def test_notes_report_either_way():
     assert not down["textbook_vs_web"]["shows"] and "did not beat" in down["textbook_vs_web"]["text"]
     assert not down["moe_vs_dense"]["shows"] and "dense ahead" in down["moe_vs_dense"]["text"]
     assert "did not clearly differ" in down["moe_vs_dense"]["text"]
+    three = _fake_summary(0.3, 0.8, 0.28)  # the best of several hybrids is the one compared
+    three["evaluate"]["arctic-loss-free"] = {**three["evaluate"]["arctic-textbook"], "bits_per_byte": {"heldout_textbook": 1.5}}
+    three["train"]["arctic-loss-free"] = three["train"]["arctic-textbook"]
+    note = {n["topic"]: n for n in build_notes(three, 2.0, 0.5)}["moe_vs_dense"]
+    assert note["shows"] and "Switch loss 1.720; loss-free balancing 1.500" in note["text"]
+    assert "The best, loss-free balancing, is ahead of dense by 0.200" in note["text"]
     assert not down["cloze_vs_chance"]["shows"] and "not met" in down["cloze_vs_chance"]["text"]
     below = _fake_summary(0.8, 0.3, 0.95)
     below["evaluate"]["arctic-textbook"]["letter"]["acc"] = 0.05  # far below chance is not "learned letters"
@@ -324,17 +398,41 @@ def test_notes_report_either_way():
     assert text["shows"] and "clearly above chance (25.0%) for dense-web" in text["text"]
     close = {n["topic"]: n for n in build_notes(_fake_summary(0.62, 0.6, 0.63), 2.0, 0.5)}
     assert not close["textbook_vs_web"]["shows"] and "within noise" in close["textbook_vs_web"]["text"]
+    assert "filtered_web" not in close  # a summary without the filtered run gets no filtering note
+
+
+def test_filtered_web_note_either_way():
+    up = {n["topic"]: n for n in build_notes(_fake_summary(0.8, 0.3, 0.5, filtered=0.55), 2.0, 0.5)}["filtered_web"]
+    assert up["shows"] and "filtered web beat the web-only model" in up["text"] and "a real difference" in up["text"]
+    assert "cloze 55.0% vs 30.0% (difference +25.0 points" in up["text"]
+    assert "lands 50% of the way from web-only to web-then-textbook" in up["text"]
+    assert "kept the top 30.0% of the web corpus (1200 of 4000 documents" in up["text"]
+    assert "3.5 facts and 2.0 distractor lines per document, against 1.6 and 4.7" in up["text"]
+    assert "textbook text 1.700, 1.450, 1.200" in up["text"]  # web-only, filtered, textbook
+    noise = {n["topic"]: n for n in build_notes(_fake_summary(0.8, 0.3, 0.5, filtered=0.33), 2.0, 0.5)}["filtered_web"]
+    assert not noise["shows"] and "within noise" in noise["text"] and "6% of the way" in noise["text"]
+    down = {n["topic"]: n for n in build_notes(_fake_summary(0.8, 0.5, 0.5, filtered=0.3), 2.0, 0.5)}["filtered_web"]
+    assert not down["shows"] and "did not beat" in down["text"] and "on the far side of web-only" in down["text"]
+    assert "question-and-answer form, which the textbook's exercises teach" in down["text"]
+    assert "Density buys some recall" in up["text"] and "add little" not in up["text"]
+    past = {n["topic"]: n for n in build_notes(_fake_summary(0.4, 0.3, 0.5, filtered=0.9), 2.0, 0.5)}["filtered_web"]
+    assert past["shows"] and "past web-then-textbook" in past["text"]
 
 
 # ----- the issue's quality target: three seeds of the full demo ------------------------------------
-@pytest.mark.slow
-@pytest.mark.timeout(3600)  # three full demos, about 5 minutes each
-def test_full_demo_textbook_cloze_target_over_three_seeds(tmp_path):
+@pytest.fixture(scope="module")
+def three_seeds(tmp_path_factory):
+    """The full demo at seeds 0, 1 and 2 (run once for both slow tests)."""
     torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("three_seeds")
+    return [run_pipeline(DemoConfig(seed=seed), out / f"seed{seed}") for seed in (0, 1, 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # three full demos, about 6 minutes each
+def test_full_demo_textbook_cloze_target_over_three_seeds(three_seeds):
     accs, chat = [], {"base": [], "sft": [], "dpo": []}
-    for seed in (0, 1, 2):
-        cfg = DemoConfig(seed=seed)
-        s = run_pipeline(cfg, tmp_path / f"seed{seed}")
+    for s in three_seeds:
         assert s["clean"]["planted_leak_check"]["exact"]
         accs.append(s["evaluate"]["dense-textbook"]["cloze"]["acc"])
         for m in chat:
@@ -344,6 +442,45 @@ def test_full_demo_textbook_cloze_target_over_three_seeds(tmp_path):
     assert sum(accs) / len(accs) >= DemoConfig().cloze_target, accs
     # the post-training issue's target: the chat-form quiz, post-trained >= 60%, base < 10%
     assert sum(chat["dpo"]) / 3 >= 0.6 and sum(chat["base"]) / 3 < 0.1, chat
+
+
+def seed_table(summaries: list[dict]) -> dict:
+    """Per model of the filtering comparison: cloze and bits per byte per seed, their mean and the
+    seeds' standard error; and the paired (same seed) cloze difference filtered - web-only."""
+    def stats(xs):
+        m = sum(xs) / len(xs)
+        return {"seeds": xs, "mean": m, "se": math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))}
+
+    table = {}
+    for name in ("dense-web", "dense-filtered", "dense-textbook"):
+        ev = [s["evaluate"][name] for s in summaries]
+        table[name] = {"cloze": stats([e["cloze"]["acc"] for e in ev]),
+                       "bpb_textbook": stats([e["bits_per_byte"]["heldout_textbook"] for e in ev]),
+                       "bpb_web": stats([e["bits_per_byte"]["heldout_web"] for e in ev])}
+    table["filtered_minus_web"] = stats([f - w for f, w in zip(table["dense-filtered"]["cloze"]["seeds"],
+                                                                table["dense-web"]["cloze"]["seeds"], strict=True)])
+    return table
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_full_demo_filtered_web_over_three_seeds(three_seeds):
+    """Issue 18's target: over three seeds, web then filtered web beats web only on quiz cloze by
+    more than the seeds' standard error (of the paired, same-seed difference). Measured at keep
+    0.6: +3.8, +7.5, +5.0 points at seeds 0, 1, 2 (mean +5.4, standard error 1.1); keep 0.3 did not
+    meet it (docs/ARCHITECTURE.md, "The learned quality filter", has both tables)."""
+    t = seed_table(three_seeds)
+    print(json.dumps(t, indent=1))
+    diff = t["filtered_minus_web"]
+    assert diff["mean"] > diff["se"], t
+    # the textbook model stays far ahead: filtered web text still never asks in the quiz's form
+    assert t["dense-textbook"]["cloze"]["mean"] - t["dense-filtered"]["cloze"]["mean"] > 0.3, t
+    for s in three_seeds:
+        qf = s["clean"]["quality_filter"]
+        assert qf["classifier"]["f1"] > 0.9 and qf["kept"]["facts_per_document"] > 2 * qf["dropped"]["facts_per_document"]
+        assert qf["kept"]["noise_lines_per_document"] < qf["dropped"]["noise_lines_per_document"]
+        seen = fact_statements(s)
+        assert seen["dense-filtered"] > 1.1 * seen["dense-web"], seen
 
 
 def test_reference_config_files_match_the_builtin_settings(tmp_path):

@@ -66,7 +66,7 @@ def test_parity_detects_a_wrong_weight(tmp_path):
         assert (model(ids).logits - hf_logits(hf, ids)).abs().max().item() > TOL
 
 
-@pytest.mark.parametrize("name", ["tiny-arctic", "tiny-moe", "tiny-dense"])
+@pytest.mark.parametrize("name", ["tiny-arctic", "tiny-moe", "tiny-dense", "tiny-openelm"])
 def test_effilm_to_hf_and_back_round_trip(name, tmp_path):
     cfg = ModelConfig.from_name(name, vocab_size=211)
     model = build_model(cfg, seed=7).eval()
@@ -132,7 +132,56 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path):
 
 
 def test_unsupported_exports_are_clear():
-    with pytest.raises(ConfigError, match="OpenELM"):
-        config_to_hf(ModelConfig.from_name("tiny-openelm"))
+    with pytest.raises(ConfigError, match="OpenELM layer-wise scaling"):
+        config_to_hf(ModelConfig.from_name("tiny-openelm"), "LlamaForCausalLM")
+    with pytest.raises(ConfigError, match="activation 'gelu_tanh'"):
+        config_to_hf(ModelConfig.from_name("tiny-dense", activation="gelu_tanh"))
     with pytest.raises(ConfigError, match="not supported"):
         config_from_hf({"architectures": ["GPT2LMHeadModel"]})
+
+
+# ----- OpenELM: Apple's layout (transformers has no class; mlx-lm reads it, tests/formats/test_mlx.py) -----
+# apple/OpenELM-270M's config.json, the architecture fields (its saved per-layer lists included)
+OPENELM_270M = {
+    "architectures": ["OpenELMForCausalLM"], "model_type": "openelm", "vocab_size": 32000, "max_context_length": 2048,
+    "num_transformer_layers": 16, "model_dim": 1280, "head_dim": 64, "qkv_multipliers": [0.5, 1.0],
+    "num_query_heads": [12] * 5 + [16] * 7 + [20] * 4, "num_kv_heads": [3] * 5 + [4] * 7 + [5] * 4, "num_gqa_groups": 4,
+    "ffn_multipliers": [0.5, 0.73, 0.97, 1.2, 1.43, 1.67, 1.9, 2.13, 2.37, 2.6, 2.83, 3.07, 3.3, 3.53, 3.77, 4.0],
+    "ffn_with_glu": True, "ffn_dim_divisor": 256, "activation_fn_name": "swish", "normalization_layer_name": "rms_norm",
+    "normalize_qk_projections": True, "share_input_output_layers": True, "rope_freq_constant": 10000,
+    "rope_max_length": 4096, "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2,
+}  # fmt: skip
+
+
+def test_openelm_config_is_apples():
+    h = config_to_hf(ModelConfig.from_name("openelm-270m"))
+    assert {k: h[k] for k in OPENELM_270M} == OPENELM_270M
+    cfg, arch = config_from_hf(OPENELM_270M)
+    assert arch == "OpenELMForCausalLM" and cfg.norm_eps == 1e-6 and cfg.tie_embeddings and cfg.qk_norm
+    assert cfg.num_params() == ModelConfig.from_name("openelm-270m").num_params()
+    scalar, _ = config_from_hf(dict(OPENELM_270M, qkv_multipliers=1.0, ffn_multipliers=2.0, num_query_heads=None,
+                                    num_kv_heads=None))  # fmt: skip
+    assert {s.n_heads for s in scalar.layers} == {20} and {s.ffn_dim for s in scalar.layers} == {2560}
+    with pytest.raises(ConfigError, match="num_kv_heads=.*disagrees"):
+        config_from_hf(dict(OPENELM_270M, num_kv_heads=[4] * 16))
+    with pytest.raises(ConfigError, match="ffn_multipliers"):
+        config_from_hf(dict(OPENELM_270M, ffn_multipliers=[1.0, 3.0, 2.0] + [4.0] * 13))
+
+
+def test_openelm_tensor_names(tmp_path):
+    from safetensors import safe_open
+
+    model = build_model(ModelConfig.from_name("tiny-openelm", vocab_size=211, tie_embeddings=False), seed=2).eval()
+    effilm.save_hf(model, tmp_path / "o")
+    with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert tuple(f.get_tensor("transformer.layers.3.attn.qkv_proj.weight").shape) == ((8 + 2 * 2) * 32, 192)
+    p = "transformer.layers.0."
+    expected = {"transformer.token_embeddings.weight", "transformer.norm.weight", "lm_head.weight"} | {
+        p + k for k in ("attn_norm.weight", "attn.qkv_proj.weight", "attn.q_norm.weight", "attn.k_norm.weight",
+                        "attn.out_proj.weight", "ffn_norm.weight", "ffn.proj_1.weight", "ffn.proj_2.weight")}  # fmt: skip
+    assert expected <= keys and len(keys) == 3 + 8 * 4
+    again = effilm.load(tmp_path / "o")
+    ids = torch.randint(0, 211, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_fixtures import add_tokenizer, make_tokenizer, tiny
+from engine_fixtures import add_tokenizer, assert_steps_match_forward, make_tokenizer, tiny
 
 import effilm
 from effilm.cli import build_parser, main
@@ -81,7 +81,6 @@ def test_batched_greedy_equals_one_at_a_time(name, tok):
 ])  # fmt: skip
 def test_fast_steps_equal_the_model_forward(name, over):
     """effilm.inference.decode's inference steps against Transformer.forward: same logits, same tokens."""
-    from effilm.inference.decode import decode_step, prefill
 
     model = tiny(name, **LIVELY, **over)
     fast, plain = Engine(model, None), Engine(model, None, fast=False)
@@ -89,14 +88,7 @@ def test_fast_steps_equal_the_model_forward(name, over):
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33]]
     params = SamplingParams(max_new_tokens=12)
     assert [c.token_ids for c in fast.generate(prompts, params)] == [c.token_ids for c in plain.generate(prompts, params)]
-    ids = torch.tensor([prompts[0]])
-    c1, c2 = model.new_cache(1, 16), model.new_cache(1, 16)
-    with torch.inference_mode():
-        torch.testing.assert_close(prefill(model, ids, c1, None, None), model(ids, cache=c2).logits[:, -1])
-        for t in (3, 4, 5):
-            torch.testing.assert_close(decode_step(model, torch.tensor([t]), c1, None, None),
-                                       model(torch.tensor([[t]]), cache=c2).logits[:, -1], atol=1e-5, rtol=1e-5)
-    assert c1.length == c2.length == 12
+    assert_steps_match_forward(model, prompts[0])
 
 
 def test_unknown_modules_fall_back_to_the_model_forward():
@@ -413,19 +405,13 @@ def test_fast_steps_run_int8_models(name):
     """An int8 (per-channel) quantized model takes the fast steps too (the chosen experts' codes are
     read directly) and gives the tokens and logits of its own Transformer.forward."""
     from effilm.config.quant import QuantConfig
-    from effilm.inference.decode import decode_step, prefill
     from effilm.quant.quantize import quantize_model
 
     model, _ = quantize_model(tiny(name, **LIVELY), QuantConfig(bits=8))
-    fast, plain = Engine(model, None), Engine(model, None, fast=False)
+    # the exact kernel: a parity check of the steps' arithmetic (tests/quant/test_kernels.py checks "fast")
+    fast, plain = Engine(model, None, quant_kernel="exact"), Engine(model, None, fast=False, quant_kernel="exact")
     assert fast.fast
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22]]
     params = SamplingParams(max_new_tokens=10)
     assert [c.token_ids for c in fast.generate(prompts, params)] == [c.token_ids for c in plain.generate(prompts, params)]
-    c1, c2 = model.new_cache(1, 16), model.new_cache(1, 16)
-    with torch.inference_mode():
-        prefill(model, torch.tensor([prompts[0]]), c1, None, None)
-        model(torch.tensor([prompts[0]]), cache=c2)
-        for t in (3, 4):
-            torch.testing.assert_close(decode_step(model, torch.tensor([t]), c1, None, None),
-                                       model(torch.tensor([[t]]), cache=c2).logits[:, -1], atol=1e-4, rtol=1e-4)
+    assert_steps_match_forward(model, prompts[0], (3, 4), tol=1e-4, check_prefill=False)

@@ -210,8 +210,8 @@ def plotted(tmp_path_factory):
 def test_plot_runs_writes_each_run_and_the_comparison(plotted):
     out, paths, notes = plotted
     assert sorted(str(p.relative_to(out)) for p in paths) == [
-        "compare_loss.png", "tiny-arctic/expert_load.png", "tiny-arctic/loss.png", "tiny-arctic/train_stats.png",
-        "tiny-dense/loss.png", "tiny-dense/train_stats.png"]  # fmt: skip
+        "compare_loss.png", "tiny-arctic/balance.png", "tiny-arctic/expert_load.png", "tiny-arctic/loss.png",
+        "tiny-arctic/train_stats.png", "tiny-dense/loss.png", "tiny-dense/train_stats.png"]  # fmt: skip
     assert all(p.stat().st_size > 3000 for p in paths)
     assert not list(out.rglob(".*.tmp"))
     # a dense run has no heatmap, and says so
@@ -223,6 +223,7 @@ def test_png_sizes_follow_the_layout(plotted):
     d, n_layers = SMALL.dpi, ModelConfig.from_name("tiny-arctic").n_layers
     assert size_is(out / "tiny-arctic" / "loss.png", SMALL.panel_width * 2 * d, SMALL.panel_height * 2 * d)
     assert size_is(out / "tiny-arctic" / "expert_load.png", SMALL.panel_width * d, SMALL.heatmap_height * n_layers * d)
+    assert size_is(out / "tiny-arctic" / "balance.png", SMALL.panel_width * 2 * d, SMALL.panel_height * d)
     # grad norm and throughput for both; the MoE run adds aux loss and dropped fraction (2 x 2 panels)
     assert size_is(out / "tiny-dense" / "train_stats.png", SMALL.panel_width * 2 * d, SMALL.stats_height * d)
     assert size_is(out / "tiny-arctic" / "train_stats.png", SMALL.panel_width * 2 * d, SMALL.stats_height * 2 * d)

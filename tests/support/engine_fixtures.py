@@ -35,3 +35,22 @@ def tiny(name: str, seed: int = 0, **over):
 
     over.setdefault("vocab_size", VOCAB)
     return build_model(ModelConfig.from_name(name, **over), seed=seed).eval()
+
+
+def assert_steps_match_forward(model, prompt: list[int], tokens=(3, 4, 5), tol: float = 1e-5, check_prefill=True):
+    """effilm.inference.decode's prefill and decode steps give Transformer.forward's logits (with the
+    KV cache) for ``prompt`` then each of ``tokens``."""
+    import torch
+
+    from effilm.inference.decode import decode_step, prefill
+
+    ids = torch.tensor([prompt])
+    c1, c2 = model.new_cache(1, len(prompt) + len(tokens)), model.new_cache(1, len(prompt) + len(tokens))
+    with torch.inference_mode():
+        first, ref = prefill(model, ids, c1, None, None), model(ids, cache=c2).logits[:, -1]
+        if check_prefill:
+            torch.testing.assert_close(first, ref)
+        for t in tokens:
+            torch.testing.assert_close(decode_step(model, torch.tensor([t]), c1, None, None),
+                                       model(torch.tensor([[t]]), cache=c2).logits[:, -1], atol=tol, rtol=tol)
+    assert c1.length == c2.length == len(prompt) + len(tokens)

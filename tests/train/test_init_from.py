@@ -149,3 +149,25 @@ def test_an_init_from_that_cannot_be_read_is_one_line_naming_it(tmp_path):
         assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
         lines = [line for line in p.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and re.search(match, lines[0]) and name in lines[0], (name, p.stderr)
+
+
+def test_init_from_a_training_checkpoint_reads_its_weights_not_its_optimizer_state(tmp_path):
+    """A mid-run checkpoint (RUN/checkpoints/step-N) also holds optimizer.safetensors: init_from
+    and effilm.load take the model's weights from it."""
+    from safetensors.torch import load_file
+
+    from effilm.formats.load import load
+    from effilm.train.loop import train
+
+    (tmp_path / "data").mkdir()
+    data = make_data(tmp_path / "data")
+    train(load_run_config(write_run(data, tmp_path / "a", name="a.toml"), ["train.max_steps=3", "train.eval_every=0"]))
+    ckpt = tmp_path / "a" / "checkpoints" / "step-00000003"
+    assert (ckpt / "optimizer.safetensors").is_file()
+    weights = load_file(str(ckpt / "model.safetensors"))
+    model = load(ckpt)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    cfg = _run({"init_from": str(ckpt)}, tokenizer=str(data / "tok"))
+    fresh = build_model(cfg.model, seed=9)
+    load_initial_weights(fresh, cfg)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in weights.items())

@@ -80,3 +80,34 @@ def test_torchrun_fsdp_ep_matches_one_process_and_resumes_at_another_world_size(
     assert worst < 1e-4, worst
     print(json.dumps({"per_step_loss_rel": [abs(x[1] - y[1]) / abs(y[1]) for x, y in zip(two, ref, strict=False)],
                       "final_weights_rel": worst}))
+
+
+@pytest.mark.dist
+def test_torchrun_loss_free_balancing_gives_one_process_biases_and_weights(tmp_path):
+    """Loss-free balancing has no split-dependent gradient: 2 ranks (FSDP2 + expert parallelism)
+    give the one-process losses (1e-5 relative), weights (1e-4) and the same selection biases."""
+    torch.set_num_threads(1)
+    (tmp_path / "data").mkdir()
+    data = make_data(tmp_path / "data")
+    over = ["train.log_every=1", "train.save_every=0", "train.eval_every=0", "optim.lr=1e-2",
+            "model.moe.capacity_factor=none", "model.moe.balance=loss_free", "model.moe.bias_update_rate=0.01"]
+    one = train(load_run_config(write_run(data, tmp_path / "one", name="one.toml", model="arctic"),
+                                over + ["train.micro_batch=2"]))
+    toml = write_run(data, tmp_path / "two", name="two.toml", model="arctic")
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "effilm", "train", str(toml), *[f"--{o}" for o in over],
+           "--train.parallelism=fsdp+ep", "--train.micro_batch=4"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ref, two = _losses(one.run_dir), _losses(tmp_path / "two")
+    assert [s for s, _, _ in two] == [s for s, _, _ in ref] == list(range(1, 9))
+    for (s, loss, _), (_, rloss, _) in zip(two, ref, strict=True):
+        assert abs(loss - rloss) <= 1e-5 * abs(rloss), (s, loss, rloss)
+    a, b = load_file(str(one.final_dir / "model.safetensors")), load_file(str(tmp_path / "two/final/model.safetensors"))
+    assert a.keys() == b.keys()
+    biases = [k for k in a if k.endswith("router_bias")]
+    assert biases and any(bool(a[k].ne(0).any()) for k in biases)
+    assert all(torch.equal(a[k], b[k]) for k in biases)
+    worst = max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
+    assert worst < 1e-4, worst

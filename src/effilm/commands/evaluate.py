@@ -25,12 +25,19 @@ SPEC_HELP = """task SPEC forms (repeat --task for several):
   gsm8k:FILE      math word problems: question, answer (the solution ending in '#### <number>');
                   few-shot from dev=FILE (the first --shots), greedy generation up to --max-gen-toks,
                   scored as lm-evaluation-harness's gsm8k: strict-match and flexible-extract
+  code:FILE       HumanEval-format problems: prompt, test, entry_point (task_id, canonical_solution
+                  optional); --samples completions per problem (greedy, or --temperature/--top-p),
+                  stopped at HumanEval's stop sequences, each run with its tests in a sandbox (a
+                  fresh process and temporary directory, time/memory/file/process limits, no
+                  network; --sandbox.*), scored by the unbiased pass@k for --pass-at; needs
+                  --allow-code-execution
 options after a comma: split=val, dev=PATH (few-shot source, same format), name=LABEL
   e.g. --task jsonl:quiz.jsonl,dev=quiz_dev.jsonl,name=quiz
 bad rows are skipped and listed in the report; --strict makes them errors (file:line)."""
 
 
 def register(sub) -> None:
+    from effilm.eval.code_task import CodeConfig
     from effilm.eval.decontam import DecontamConfig
     from effilm.eval.scoring import EvalConfig
     from effilm.eval.tasks import TaskConfig
@@ -52,6 +59,7 @@ def register(sub) -> None:
     p.add_argument("--output", "-o", required=True, metavar="R.json", help="where to write the report")
     add_arguments(p, EvalConfig, group_title="scoring")
     add_arguments(p, TaskConfig, group_title="task files")
+    add_arguments(p, CodeConfig, group_title="code tasks")
     p.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("decontam", help="find benchmark items in training corpora, optionally clean them out",
@@ -88,6 +96,7 @@ def _read_json(path: str) -> dict:
 
 def cmd_eval(args) -> int:
     from effilm.device import resolve_device
+    from effilm.eval.code_task import CodeConfig, require_permission
     from effilm.eval.report import format_table, run_evaluation
     from effilm.eval.scoring import EvalConfig
     from effilm.eval.tasks import TaskConfig, load_task
@@ -98,7 +107,10 @@ def cmd_eval(args) -> int:
     claim_file(args.output, inputs=[args.model, args.corpus_report], what="--output")  # before any work
     cfg = from_args(EvalConfig, args)
     tcfg = from_args(TaskConfig, args)
+    code_cfg = from_args(CodeConfig, args)
     tasks = [load_task(spec, tcfg) for spec in args.task]
+    if any(t.kind == "code" for t in tasks):
+        require_permission(code_cfg)  # before any work
     if args.corpus_report:
         corpus_report = _read_json(args.corpus_report)
         check = {"status": "from --corpus-report", "line": f"contamination: from {args.corpus_report}"}
@@ -110,7 +122,7 @@ def cmd_eval(args) -> int:
         corpus_report, check = check_training_data(args.model, tasks)
     model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device))
     report = run_evaluation(model, tokenizer, tasks, cfg, corpus_report=corpus_report, model_path=args.model,
-                            contamination_check=check)
+                            contamination_check=check, code_cfg=code_cfg)
     atomic_write_json(args.output, report)
     print(format_table(report))
     print(f"report: {args.output}")

@@ -13,7 +13,7 @@ def cmd_generate(args) -> int:
 
     # parameters first: a bad value is reported before the (slower) model load
     params = from_args(SamplingParams, args)
-    engine = Engine.load(args.model, dtype=args.dtype)
+    engine = Engine.load(args.model, dtype=args.dtype, quant_kernel=args.quant_kernel)
     prompt = engine.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     out = sys.stdout
     if args.echo and not args.chat:
@@ -49,5 +49,8 @@ def register(sub) -> None:
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="cast the weights to this dtype (default: as stored)")
+    p.add_argument("--quant-kernel", choices=["fast", "exact"], default="fast",
+                   help="kernel of quantized layers: 'fast' runs the packed int8/int4 CPU kernels with bf16 "
+                   "activations (within bf16 rounding of 'exact'), 'exact' the fp32 reference")
     p.add_argument("-v", "--verbose", action="store_true", help="print the finish reason to stderr")
     p.set_defaults(func=cmd_generate)

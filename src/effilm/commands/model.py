@@ -46,6 +46,9 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--overhead", type=float, default=0.10, help="activations and runtime, as a fraction (0.10)")
     p.add_argument("--measure", action="store_true", help="also measure decode speed on this machine")
+    p.add_argument("--quant-kernel", choices=["fast", "exact"], default="fast",
+                   help="--measure: kernel of the int8/int4 layers ('fast': packed CPU kernels, bf16 "
+                   "activations; 'exact': the fp32 reference)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plan)
 
@@ -54,10 +57,11 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "convert",
-        help="convert between effilm, Hugging Face and GGUF formats",
+        help="convert between effilm, Hugging Face, GGUF and MLX formats",
         description="Convert a model directory. --to hf writes a directory transformers' AutoModelForCausalLM "
-        "loads; --to effilm writes an effilm checkpoint; --to gguf writes a llama.cpp GGUF file (--type). "
-        "SRC may be effilm or HF; its tokenizer files travel with the model.",
+        "loads; --to effilm writes an effilm checkpoint; --to gguf writes a llama.cpp GGUF file (--type); "
+        "--to mlx writes a directory mlx-lm loads, quantized in MLX's layout with --bits 4|8 --group-size "
+        "32|64|128 (Arctic: use gguf). SRC may be effilm or HF; its tokenizer files travel with the model.",
     )
     p.add_argument("src", help="source model directory (effilm or HF)")
     p.add_argument("dst", help="destination directory (a .gguf file for --to gguf)")
@@ -65,16 +69,36 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion at DST")
     p.set_defaults(func=cmd_convert)
 
+    from effilm.config.model import UpcycleConfig
+
+    p = sub.add_parser(
+        "upcycle",
+        help="turn a dense model into an MoE or Arctic hybrid computing the same function (sparse upcycling)",
+        description="Sparse upcycling: each dense MLP becomes --experts experts (copies, or 1/--granularity-wide "
+        "slices), routed top --top-k. --pattern M replaces the MLPs by MoEs; H keeps each MLP as the residual MLP "
+        "beside a new parallel MoE (Arctic). The upcycled model computes the dense model's function at step 0 "
+        "(checked on random tokens and printed); train it like any MoE model, or upcycle inside a run with "
+        "[model] init_from = SRC and a [model.upcycle] table. SRC may be effilm or HF; its tokenizer travels.",
+    )
+    p.add_argument("src", help="dense source model directory (effilm or HF)")
+    p.add_argument("--out", required=True, help="destination directory (a new effilm checkpoint)")
+    add_arguments(p, UpcycleConfig)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier upcycle at --out")
+    p.set_defaults(func=cmd_upcycle)
+
     p = sub.add_parser(
         "demo",
-        help="run the end-to-end demo (data -> clean -> tokenize -> train 3 models -> evaluate)",
+        help="run the end-to-end demo (data -> clean -> tokenize -> train 6 models -> evaluate -> post-train -> ship)",
         description="The end-to-end demo on built-in data: synthesize a textbook corpus, a web-like corpus and a "
         "held-out MMLU-format quiz; clean them (dedup, filters, decontamination against the quiz, plus a "
-        "planted-leak check); train a BPE tokenizer and shards; train tiny-dense on web text, tiny-dense web-then-"
-        "textbook and a tiny Arctic hybrid (same active parameters) at equal token budgets; evaluate all three "
-        "(quiz letter and cloze accuracy vs chance, bits per byte, contamination status); ship the best one and "
+        "planted-leak check, and a learned quality classifier that keeps the best web text); train a BPE tokenizer "
+        "and shards; train tiny-dense on web text, web-then-filtered-web and web-then-textbook, and three tiny "
+        "Arctic hybrids with the same active parameters (the Switch loss, loss-free "
+        "balancing, and upcycled from the dense model partway) at equal token budgets; evaluate them all "
+        "(quiz letter and cloze accuracy vs chance, bits per byte, contamination status); post-train the textbook "
+        "model (SFT, DPO); ship the best exportable one and "
         "write OUT/report.html. Writes OUT/summary.json with per-stage wall and CPU times and plain-language "
-        "notes on what the numbers show. About 5 minutes on a 2-core CPU; --quick takes well under one. Every "
+        "notes on what the numbers show. About 7 minutes on a 2-core CPU; --quick takes about one. Every "
         "DemoConfig field can be set with a flag.",
     )
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
@@ -162,7 +186,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     context = min(args.context, cfg.max_seq_len)
     result = plan(cfg, device, context, args.batch, args.overhead)
     if args.measure:
-        result["measured"] = _measure(args.name, cfg, context, args.batch)
+        result["measured"] = _measure(args.name, cfg, context, args.batch, args.quant_kernel)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -191,7 +215,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measure(name: str, cfg, context: int, batch: int) -> dict:
+def _measure(name: str, cfg, context: int, batch: int, quant_kernel: str = "fast") -> dict:
     from pathlib import Path
 
     from effilm.config.cost import num_params
@@ -209,7 +233,7 @@ def _measure(name: str, cfg, context: int, batch: int) -> dict:
         from effilm.models.transformer import build_model
 
         model, tok_dir = build_model(cfg, seed=0).eval(), None
-    out = {"effilm": measure_formats(model, context=context, batch=batch)}
+    out = {"effilm": measure_formats(model, context=context, batch=batch, quant_kernel=quant_kernel)}
     out["llama_cpp"] = llama_cpp_tokens_per_s(model, tok_dir, context=context) if tok_dir else None
     return out
 
@@ -218,6 +242,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from effilm.formats.convert import ConvertConfig, convert
 
     print(convert(args.src, args.dst, from_args(ConvertConfig, args), overwrite=args.overwrite))
+    return 0
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from effilm.config.model import UpcycleConfig
+    from effilm.formats.convert import upcycle
+
+    print(upcycle(args.src, args.out, from_args(UpcycleConfig, args), overwrite=args.overwrite))
     return 0
 
 

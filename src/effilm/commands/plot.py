@@ -17,7 +17,8 @@ def register(sub) -> None:
         description="Write PNG plots of training runs from RUN_DIR/metrics.jsonl (and config.json). For one "
         "run: loss.png (train and validation loss per source, learning rate, against step and tokens, "
         "stage starts marked) and, for an MoE run, expert_load.png (one heatmap per MoE layer: step x "
-        "expert, colour = load relative to uniform). For several runs: each run's plots in OUT/<run name>/ "
+        "expert, colour = load relative to uniform) and balance.png (per layer: the busiest expert's load over the mean, "
+        "and the fraction of experts under a quarter of the balanced share). For several runs: each run's plots in OUT/<run name>/ "
         "plus compare_loss.png, their loss curves overlaid against tokens and against active training "
         "FLOPs.",
     )

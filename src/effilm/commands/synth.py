@@ -9,18 +9,11 @@ from effilm.config.reader import add_arguments, from_args, given
 
 def cmd_synth(args) -> int:
     from effilm.synth.recipe import Recipe, load_recipe
-    from effilm.synth.runner import Run, SynthOptions
+    from effilm.synth.runner import Run, SynthOptions, print_run_result
 
     options = from_args(SynthOptions, args)
     recipe = load_recipe(args.recipe, given(args, Recipe))
-    result = Run(recipe, args.out, options).run(dry_run=options.dry_run)
-    if options.dry_run:
-        print("dry run (nothing sent, nothing written):")
-        for k, v in result.items():
-            print(f"  {k:22s} {v}")
-        return 0
-    print(json.dumps(result, indent=2))
-    return 0 if result.get("complete") else 3
+    return print_run_result(Run(recipe, args.out, options).run(dry_run=options.dry_run), options.dry_run)
 
 
 def cmd_dedup(args) -> int:

@@ -6,19 +6,25 @@ Plain data, no tensors: the config layer reads an HF model's architecture (``ini
 
 from __future__ import annotations
 
-from effilm.config.model import ModelConfig, MoEConfig, longrope_mscale
+from effilm.config.model import ModelConfig, MoEConfig, _linspace_round, longrope_mscale
 from effilm.errors import ConfigError
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM",
-                 "PhimoeForCausalLM", "ArcticForCausalLM")  # fmt: skip
+                 "PhimoeForCausalLM", "ArcticForCausalLM", "OpenELMForCausalLM")  # fmt: skip
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM",
-               "mixtral": "MixtralForCausalLM", "phimoe": "PhimoeForCausalLM", "arctic": "ArcticForCausalLM"}  # fmt: skip
+               "mixtral": "MixtralForCausalLM", "phimoe": "PhimoeForCausalLM", "arctic": "ArcticForCausalLM",
+               "openelm": "OpenELMForCausalLM"}  # fmt: skip
+# OpenELM's own modeling code (apple/OpenELM-* on the Hub) fixes every RMSNorm's epsilon at 1e-6;
+# mlx-lm reads ``rms_norm_eps``, which effilm writes too.
+OPENELM_NORM_EPS = 1e-6
 
 
 def choose_architecture(cfg: ModelConfig) -> str:
     if cfg.hf_architecture:
         return cfg.hf_architecture
     kinds = {s.kind for s in cfg.layers}
+    if cfg.qkv_multipliers is not None:
+        return "OpenELMForCausalLM"
     if "H" in kinds:
         return "ArcticForCausalLM"
     if kinds == {"M"}:
@@ -54,7 +60,10 @@ def _rope_params(cfg: ModelConfig, arch: str) -> dict:
 def config_to_hf(cfg: ModelConfig, arch: str | None = None) -> dict:
     arch = arch or choose_architecture(cfg)
     _require(arch in ARCHITECTURES, arch, f"supported architectures are {list(ARCHITECTURES)}")
-    _require(cfg.qkv_multipliers is None and not cfg.qk_norm, arch, "OpenELM layer-wise scaling / QK norm")
+    if arch == "OpenELMForCausalLM":
+        return _openelm_to_hf(cfg)
+    _require(cfg.qkv_multipliers is None and not cfg.qk_norm, arch, "OpenELM layer-wise scaling / QK norm "
+             "(export as OpenELMForCausalLM)")
     _require(cfg.activation == "silu", arch, f"activation {cfg.activation!r} (only silu/SwiGLU)")
     kinds = {s.kind for s in cfg.layers}
     rms = cfg.norm == "rmsnorm"
@@ -121,6 +130,74 @@ def config_to_hf(cfg: ModelConfig, arch: str | None = None) -> dict:
     return base
 
 
+def _openelm_to_hf(cfg: ModelConfig) -> dict:
+    """Apple's OpenELM ``config.json`` (configuration_openelm.py's field names), with the per-layer
+    lists its saved configs carry: ``num_query_heads``, ``num_kv_heads`` and ``ffn_multipliers``."""
+    arch = "OpenELMForCausalLM"
+    _require(cfg.qkv_multipliers is not None, arch, "needs OpenELM layer-wise scaling (qkv_multipliers, ffn_multipliers)")
+    _require({s.kind for s in cfg.layers} == {"D"} and cfg.norm == "rmsnorm", arch, "needs dense layers and RMSNorm")
+    _require(cfg.activation == "silu", arch, f"activation {cfg.activation!r} (OpenELM's FFN is SwiGLU)")
+    _require(not (cfg.attn_bias or cfg.attn_out_bias or cfg.mlp_bias or cfg.lm_head_bias), arch, "biases")
+    _require(cfg.rope_type == "default" and cfg.rope_partial_factor == 1.0, arch, "LongRoPE or partial RoPE")
+    _require(cfg.sliding_window is None, arch, "a sliding window")
+    theta = int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta
+    return {
+        "architectures": [arch], "model_type": "openelm", "vocab_size": cfg.vocab_size,
+        "max_context_length": cfg.max_seq_len, "num_transformer_layers": cfg.n_layers, "model_dim": cfg.d_model,
+        "head_dim": cfg.head_dim, "qkv_multipliers": list(cfg.qkv_multipliers), "num_gqa_groups": cfg.num_gqa_groups,
+        "num_query_heads": [s.n_heads for s in cfg.layers], "num_kv_heads": [s.n_kv_heads for s in cfg.layers],
+        "ffn_multipliers": _linspace_round(*cfg.ffn_multipliers, cfg.n_layers), "ffn_with_glu": True,
+        "ffn_dim_divisor": cfg.ffn_dim_divisor, "activation_fn_name": "swish", "normalization_layer_name": "rms_norm",
+        "normalize_qk_projections": cfg.qk_norm, "share_input_output_layers": cfg.tie_embeddings,
+        "rope_freq_constant": theta, "rope_max_length": 2 * cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "initializer_range": cfg.init_std, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id, "use_cache": True, "dtype": "float32",
+    }  # fmt: skip
+
+
+def _openelm_pair(h: dict, key: str, n: int, source: str) -> list[float]:
+    """An OpenELM multiplier field as effilm's (lo, hi): a number, a pair, or the per-layer list
+    Apple's saved configs hold (which must be the rounded linspace between its ends)."""
+    v = h.get(key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return [float(v), float(v)]
+    if isinstance(v, list) and len(v) == 2:
+        return [float(x) for x in v]
+    if isinstance(v, list) and len(v) == n and v:
+        pair = [float(v[0]), float(v[-1])]
+        if [round(float(x), 2) for x in v] == _linspace_round(*pair, n):
+            return pair
+    raise ConfigError(f"{source}: {key}={v!r} is not a number, a (lo, hi) pair or {n} per-layer values evenly "
+                      "spaced between two ends; effilm reads OpenELM's layer-wise scaling only")  # fmt: skip
+
+
+def _openelm_from_hf(h: dict, source: str) -> ModelConfig:
+    try:
+        n, d, hd = h["num_transformer_layers"], h["model_dim"], h["head_dim"]
+        vocab = h["vocab_size"]
+    except KeyError as exc:
+        raise ConfigError(f"{source}: missing field {exc.args[0]!r}") from None
+    act, norm = h.get("activation_fn_name", "swish"), h.get("normalization_layer_name", "rms_norm")
+    if act not in ("swish", "silu") or not h.get("ffn_with_glu", True) or norm != "rms_norm":
+        raise ConfigError(f"{source}: OpenELM with activation_fn_name={act!r}, ffn_with_glu="
+                          f"{h.get('ffn_with_glu', True)!r}, normalization_layer_name={norm!r} is not supported "
+                          "(swish, true, rms_norm)")  # fmt: skip
+    cfg = ModelConfig(
+        name=h.get("_name_or_path") or "openelm", vocab_size=vocab, d_model=d, n_layers=n, n_heads=d // hd,
+        head_dim=hd, ffn_dim=0, qkv_multipliers=_openelm_pair(h, "qkv_multipliers", n, source),
+        ffn_multipliers=_openelm_pair(h, "ffn_multipliers", n, source), num_gqa_groups=h.get("num_gqa_groups") or 1,
+        ffn_dim_divisor=h.get("ffn_dim_divisor", 256), qk_norm=bool(h.get("normalize_qk_projections", False)),
+        tie_embeddings=bool(h.get("share_input_output_layers", False)), norm_eps=h.get("rms_norm_eps", OPENELM_NORM_EPS),
+        rope_theta=float(h.get("rope_freq_constant", 10000)), max_seq_len=h.get("max_context_length", 2048),
+        init_std=h.get("initializer_range", 0.02), hf_architecture="OpenELMForCausalLM",
+        bos_token_id=h.get("bos_token_id"), eos_token_id=_first(h.get("eos_token_id")), pad_token_id=h.get("pad_token_id"),
+    )  # fmt: skip
+    for key, got in (("num_query_heads", [s.n_heads for s in cfg.layers]), ("num_kv_heads", [s.n_kv_heads for s in cfg.layers])):
+        if isinstance(h.get(key), list) and h[key] != got:
+            raise ConfigError(f"{source}: {key}={h[key]} disagrees with the heads its multipliers give ({got})")
+    return cfg
+
+
 def _arctic_pattern(n_layers: int, freq: int, parallel: bool) -> str:
     return "".join(("H" if parallel else "M") if (i + 1) % freq == 0 else "D" for i in range(n_layers))
 
@@ -164,6 +241,8 @@ def config_from_hf(h: dict, source: str = "config.json") -> tuple[ModelConfig, s
     arch = (h.get("architectures") or [None])[0] or MODEL_TYPES.get(h.get("model_type", ""))
     if arch not in ARCHITECTURES:
         raise ConfigError(f"{source}: architecture {arch!r} is not supported; effilm reads {list(ARCHITECTURES)}")
+    if arch == "OpenELMForCausalLM":
+        return _openelm_from_hf(h, source), arch
     try:
         d, heads = h["hidden_size"], h["num_attention_heads"]
         common = dict(
@@ -211,8 +290,9 @@ def _first(v):
 
 # ----- starting from weights ([model] init_from) --------------------------------------------------
 # What a run may still set when the architecture comes from init_from (anything else must agree)
-INIT_FROM_MAY_SET = ("name", "init_from", "hf_architecture")
-INIT_FROM_MOE_MAY_SET = ("aux_loss_coef", "z_loss_coef", "aux_loss_convention", "capacity_factor", "impl")
+INIT_FROM_MAY_SET = ("name", "init_from", "hf_architecture", "upcycle")
+INIT_FROM_MOE_MAY_SET = ("aux_loss_coef", "z_loss_coef", "aux_loss_convention", "capacity_factor", "impl", "balance",
+                         "bias_update_rate")
 
 
 def architecture_of(path) -> dict:
@@ -247,7 +327,16 @@ def expand_init_from(table: dict) -> dict:
     if "preset" in table:
         raise ConfigError(f"model.preset and model.init_from={src!r}: give one (the architecture comes from init_from)")
     base = architecture_of(src)
+    base.pop("upcycle", None)  # an upcycled checkpoint is an MoE model now
+    if table.get("upcycle") is not None:
+        from effilm.config.model import UpcycleConfig
+        from effilm.config.reader import build
+
+        up = table["upcycle"] if isinstance(table["upcycle"], UpcycleConfig) else build(UpcycleConfig, table["upcycle"], "model.upcycle")
+        base = up.architecture(base, f"model.upcycle (init_from {str(src)!r})")
     base["moe"] = dict(base["moe"]) if base.get("moe") else base.get("moe")
+    if base["moe"] and base["moe"].get("balance") == "loss_free":
+        base["moe"]["selection_bias"] = True  # its learned biases stay in use whatever balancing the run picks
     for key, value in table.items():
         if key == "vocab_size":
             if value < base["vocab_size"]:

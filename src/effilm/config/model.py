@@ -18,6 +18,8 @@ from effilm.errors import ConfigError
 ROUTERS = ("softmax_topk", "sparsemixer")
 AUX_CONVENTIONS = ("switch", "hf")
 EXPERT_IMPLS = ("auto", "reference", "sorted", "grouped_mm")
+BALANCING = ("aux_loss", "loss_free")
+UPCYCLE_RESIDUALS = ("full", "slice")
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("silu", "gelu_tanh", "gegelu")
 ROPE_TYPES = ("default", "longrope")
@@ -54,6 +56,19 @@ class MoEConfig:
         None, "Training only: per-expert capacity = ceil(cf * T * K / E); overflow is dropped. None = dropless."
     )
     impl: str = _f("auto", f"Expert kernel: one of {EXPERT_IMPLS}. 'auto' = grouped_mm on CUDA and for fp32 on CPU, the sorted loop kernel otherwise.")
+    balance: str = _f(
+        "aux_loss",
+        f"Load balancing: one of {BALANCING}. 'aux_loss' trains on the Switch loss (aux_loss_coef); 'loss_free' "
+        "(Wang et al. 2024, DeepSeek-V3) adds a per-expert bias to the router scores when choosing the top-k, moved "
+        "after each optimizer step by bias_update_rate * sign(mean load - expert load); the Switch loss is then "
+        "reported but not trained on.",
+    )
+    bias_update_rate: float = _f(0.001, "loss_free balancing: the step gamma of each expert's selection bias.")
+    selection_bias: bool = _f(
+        False, "Keep a per-expert selection bias (buffer router_bias) added to the router scores when choosing the "
+        "top-k, never in the mixing weights. Always on with balance='loss_free'; upcycling sets it for fine-grained "
+        "experts, where it stays fixed.",
+    )
 
     def __post_init__(self) -> None:
         _check_pos(self, "num_experts", "top_k", "expert_ffn_dim")
@@ -66,9 +81,97 @@ class MoEConfig:
             raise ConfigError(f"moe.top_k={self.top_k}: the sparsemixer router is defined for top_k=2 only")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ConfigError(f"moe.capacity_factor={self.capacity_factor} must be positive or None")
-        for name in ("aux_loss_coef", "z_loss_coef", "router_jitter_eps"):
+        for name in ("aux_loss_coef", "z_loss_coef", "router_jitter_eps", "bias_update_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"moe.{name}={getattr(self, name)} must be >= 0")
+        _check_choice(self, "balance", BALANCING)
+        if self.has_selection_bias and self.router == "sparsemixer":
+            why = "balance='loss_free'" if self.balance == "loss_free" else "selection_bias=true"
+            raise ConfigError(f"moe.{why} needs the softmax_topk router; the sparsemixer router has no selection bias")
+
+    @property
+    def has_selection_bias(self) -> bool:
+        """Whether each MoE layer holds a ``router_bias`` buffer (loss-free balancing or upcycling)."""
+        return self.selection_bias or self.balance == "loss_free"
+
+    @property
+    def trained_aux_coef(self) -> float:
+        """The Switch loss's weight in the training loss: aux_loss_coef, or 0 under loss-free balancing."""
+        return self.aux_loss_coef if self.balance == "aux_loss" else 0.0
+
+
+@dataclass
+class UpcycleConfig:
+    """Sparse upcycling: a dense model's MLPs become experts (``effilm upcycle``, ``[model.upcycle]``)."""
+
+    experts: int = _f(8, "Experts E in each new MoE layer.")
+    top_k: int = _f(2, "Experts each token is routed to (K).")
+    pattern: str = _f(
+        "M", "Layer mix of the upcycled model, tiled over the layers: M (each dense MLP becomes an MoE), H (Arctic "
+        "hybrid: a dense residual MLP beside a new parallel MoE), or a mix with D such as DM."
+    )
+    granularity: int = _f(
+        1, "G: the dense MLP is cut into G slices of width F/G; each expert starts as one slice (G=1: a full copy)."
+    )
+    residual: str = _f(
+        "full", f"H layers, one of {UPCYCLE_RESIDUALS}: 'full' keeps the whole dense MLP as the residual MLP and starts "
+        "the MoE at zero (the same function exactly); 'slice' keeps slice 0 as the residual MLP and makes the experts "
+        "from the other G-1 slices, so the active width stays the dense width (the same function up to the MoE "
+        "reading the block input, see docs/ARCHITECTURE.md).",
+    )
+    seed: int = _f(0, "Seed of the new routers' random initialisation.")
+
+    def __post_init__(self) -> None:
+        for name in ("experts", "top_k", "granularity"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"upcycle.{name}={getattr(self, name)} must be at least 1")
+        if self.top_k > self.experts:
+            raise ConfigError(f"upcycle: top_k={self.top_k} exceeds experts={self.experts} (each token needs K distinct experts)")
+        if not self.pattern or set(self.pattern) - set(LAYER_LETTERS) or not set(self.pattern) & {"M", "H"}:
+            raise ConfigError(f"upcycle.pattern={self.pattern!r}: use M, H or a mix with D such as DM (at least one M or H)")
+        choice(self, "upcycle", "residual", UPCYCLE_RESIDUALS)
+        if self.residual == "slice" and (self.granularity < 2 or "H" not in self.pattern):
+            raise ConfigError("upcycle.residual='slice' needs H layers and granularity >= 2 (slice 0 stays the residual MLP)")
+        for kind in sorted(set(self.pattern) - {"D"}):
+            n = self.expert_slices(kind)
+            if self.experts % n:
+                raise ConfigError(f"upcycle: experts={self.experts} must be a multiple of the {n} slices experts start "
+                                  f"from in {kind} layers (granularity={self.granularity}; each slice the same number "
+                                  "of experts)")  # fmt: skip
+            if n > 1 and self.shares_work(kind) and self.top_k % n:
+                raise ConfigError(f"upcycle: top_k={self.top_k} must be a multiple of the {n} expert slices in {kind} "
+                                  "layers: each token needs every slice of the dense MLP to compute the same function")  # fmt: skip
+
+    def expert_slices(self, kind: str) -> int:
+        """How many distinct dense-MLP slices the experts of a ``kind`` (M/H) layer start from."""
+        return self.granularity - 1 if kind == "H" and self.residual == "slice" else self.granularity
+
+    def shares_work(self, kind: str) -> bool:
+        """Whether a ``kind`` layer's experts carry part of the dense MLP (else the MoE starts at zero)."""
+        return kind == "M" or self.residual == "slice"
+
+    def architecture(self, dense: dict, where: str = "upcycle") -> dict:
+        """The ``ModelConfig`` fields of the upcycled model from those of the dense model ``dense``."""
+        src = build(ModelConfig, {k: v for k, v in dense.items() if k != "upcycle"}, where)
+        if set(src.layer_pattern) != {"D"}:
+            raise ConfigError(f"{where}: the source is already an MoE model (layer_pattern={src.layer_pattern!r}); "
+                              "upcycling starts from a dense model")  # fmt: skip
+        if src.activation != "silu" or src.mlp_bias:
+            raise ConfigError(f"{where}: experts are SwiGLU without biases; the source's MLP is "
+                              f"{src.activation}{' with biases' if src.mlp_bias else ''}")  # fmt: skip
+        if src.ffn_multipliers is not None:
+            raise ConfigError(f"{where}: the source's MLP widths vary by layer (OpenELM scaling); experts share one width")
+        F_ = src.ffn_dim
+        if F_ % self.granularity:
+            raise ConfigError(f"{where}: granularity={self.granularity} does not divide the dense MLP width {F_}")
+        out = {k: v for k, v in src.to_dict().items() if k not in ("upcycle", "init_from")}
+        out["layer_pattern"] = self.pattern
+        out["residual_ffn_dim"] = F_ // self.granularity if self.residual == "slice" else None  # None: ffn_dim
+        out["hf_architecture"] = None
+        tie_break = any(self.expert_slices(k) > 1 and self.shares_work(k) for k in set(self.pattern) - {"D"})
+        out["moe"] = dict(num_experts=self.experts, top_k=self.top_k, expert_ffn_dim=F_ // self.granularity,
+                          router="softmax_topk", renormalize=True, selection_bias=tie_break)  # fmt: skip
+        return out
 
 
 @dataclass(frozen=True)
@@ -129,6 +232,10 @@ class ModelConfig:
     attention_block_sparse: bool = _f(
         False, "Phi-3-small's block-sparse attention. Informational: effilm runs dense attention in its place."
     )
+    upcycle: UpcycleConfig | None = _f(
+        None, "With init_from: the dense source becomes an MoE model at step 0 (sparse upcycling; the same function "
+        "as the source, see docs/ARCHITECTURE.md). The architecture fields come from the source and this table.",
+    )
     init_from: str | None = _f(
         None, "Start from the weights in this directory (an effilm checkpoint or a Hugging Face directory that "
         "effilm.load reads); the architecture comes from it (a run file's [model] table is expanded by "
@@ -139,6 +246,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = build(MoEConfig, self.moe, "moe")
+        if isinstance(self.upcycle, dict):
+            self.upcycle = build(UpcycleConfig, self.upcycle, "upcycle")
+        if self.upcycle is not None and not self.init_from:
+            raise ConfigError("model.upcycle needs model.init_from: the dense model to upcycle")
         for name in ("rope_short_factor", "rope_long_factor", "qkv_multipliers", "ffn_multipliers"):
             v = getattr(self, name)
             if v is not None:

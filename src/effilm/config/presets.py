@@ -149,6 +149,7 @@ PRESETS: dict[str, dict] = {
     "tiny-openelm": _tiny(
         "tiny-openelm", n_heads=6, n_kv_heads=None, head_dim=32, ffn_dim=0, qkv_multipliers=[0.5, 1.0],
         ffn_multipliers=[0.5, 4.0], num_gqa_groups=4, ffn_dim_divisor=64, qk_norm=True,
+        norm_eps=1e-6,  # as OpenELM's own code fixes it, so the HF export runs the same there
     ),
 }
 

@@ -4,26 +4,34 @@ Everything the demo sizes has a named field here (facts, records, model widths, 
 learning rate, threads...). ``DemoConfig.quick()`` shrinks the data and the budgets for CI; the
 models keep the same shapes so the quick run exercises exactly the code of the full one.
 
-The three models share one shape rule: the dense MLP width is ``ffn_mult * d_model``; the Arctic
-hybrid has a dense residual MLP of width ``d_model`` (Arctic's own constraint) plus ``top_k``
-experts of width ``d_model`` each, so with ``top_k = ffn_mult - 1`` both models have the same
-*active* parameters per token, while the hybrid holds ``num_experts`` experts in total.
+The models share one shape rule: the dense MLP width is ``ffn_mult * d_model``; an Arctic hybrid
+has a dense residual MLP of width ``d_model`` (Arctic's own constraint) plus ``top_k`` experts of
+width ``d_model`` each, so with ``top_k = ffn_mult - 1`` both have the same *active* parameters per
+token, while the hybrid holds ``num_experts`` experts in total. The upcycled hybrid cuts the dense
+MLP into ``ffn_mult`` slices of width ``d_model``: slice 0 stays the residual MLP, the experts
+start from the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from effilm.config.reader import apply_overrides, build, load
 from effilm.config.run import DPO_LOSSES
 from effilm.errors import ConfigError
 
-MODEL_NAMES = ("dense-web", "dense-textbook", "arctic-textbook")
+MODEL_NAMES = ("dense-web", "dense-textbook", "dense-filtered", "arctic-textbook", "arctic-loss-free", "arctic-upcycled")
+# dense-filtered's second stage reads this source: the web corpus's top fraction by quality-classifier score
+FILTERED_SOURCE = "web_filtered"
+# the Arctic hybrids compared with dense-textbook at matched active compute, with their balancing
+MOE_RUNS = {"arctic-textbook": "aux_loss", "arctic-loss-free": "loss_free", "arctic-upcycled": "loss_free"}
 # the post-training stage's three models, in order
 POSTTRAIN_LABELS = {"base": "base (textbook model)", "sft": "SFT", "dpo": "SFT + DPO"}
 # `effilm demo --quick`: the fields the CI setting changes
-QUICK = dict(num_facts=40, textbook_records=300, web_records=400, heldout_records=10, train_tokens=32_768,
+QUICK = dict(num_facts=40, textbook_records=300, web_records=400, heldout_records=10, annotate_records=200,
+             train_tokens=32_768,
              vocab_size=512, warmup_steps=4, log_every=4, val_sequences=2, chat_records=300, preference_records=300,
              sft_tokens=32_768, dpo_tokens=8_192)
 
@@ -35,9 +43,19 @@ class DemoConfig:
     num_facts: int = field(default=80, metadata={"help": "facts drawn from the bundled tables"})
     textbook_records: int = field(default=2400, metadata={"help": "textbook records (lessons and exercises)"})
     web_records: int = field(default=4000, metadata={"help": "web-like records (facts buried in noise)"})
+    web_varied: bool = field(default=True, metadata={"help": "web-like records vary in quality (0-4 facts among 0-8 "
+                                                             "distractor lines; false: 2 among 4 in every record)"})
     heldout_records: int = field(default=60, metadata={"help": "held-out records per corpus for bits per byte"})
     quiz_questions_per_fact: int = field(default=1, metadata={"help": "quiz items per fact (held-out phrasings)"})
     planted_leaks: int = field(default=5, metadata={"help": "quiz items planted in a copy of the corpus"})
+    # --- the learned quality filter (dense-filtered's data)
+    annotate_records: int = field(default=1000, metadata={"help": "web-like records generated apart from the corpus, "
+                                                                  "scored by the procedural annotator to train the "
+                                                                  "quality classifier"})
+    filter_keep_fraction: float = field(default=0.6, metadata={"help": "share of the cleaned web corpus kept, the top "
+                                                                       "by quality-classifier score (0.6: the filtered "
+                                                                       "stage reads it about 4 times)"})
+    filter_examples: int = field(default=3, metadata={"help": "highest- and lowest-scored web documents quoted"})
     # --- tokenizer and shards
     vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary size (special tokens included)"})
     # --- models (see the module docstring for the equal-active-parameters rule)
@@ -47,7 +65,9 @@ class DemoConfig:
     n_kv_heads: int = field(default=2, metadata={"help": "key/value heads (GQA)"})
     ffn_mult: int = field(default=3, metadata={"help": "dense MLP width / d_model"})
     num_experts: int = field(default=16, metadata={"help": "experts per Arctic-hybrid layer"})
-    # --- training (equal token budgets for all three models)
+    upcycle_at: float = field(default=0.5, metadata={"help": "arctic-upcycled starts from dense-textbook at this "
+                                                             "fraction of its steps, then trains the rest"})
+    # --- training (equal token budgets for every model)
     seq_len: int = field(default=128, metadata={"help": "training sequence length"})
     global_batch: int = field(default=16, metadata={"help": "sequences per optimizer step"})
     train_tokens: int = field(default=819_200, metadata={"help": "training tokens per model (all stages)"})
@@ -77,6 +97,7 @@ class DemoConfig:
         for name in ("num_facts", "textbook_records", "web_records", "heldout_records", "quiz_questions_per_fact",
                      "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "num_experts", "seq_len",
                      "global_batch", "train_tokens", "val_sequences", "log_every", "threads", "eval_batch_size",
+                     "annotate_records", "filter_examples",
                      "chat_records", "preference_records", "sft_tokens", "dpo_tokens", "chat_max_new_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -89,6 +110,15 @@ class DemoConfig:
             raise ConfigError(f"demo.ffn_mult={self.ffn_mult} must be >= 2 (residual MLP + at least one expert)")
         if self.num_experts <= self.ffn_mult - 1:
             raise ConfigError(f"demo.num_experts={self.num_experts} must exceed top_k = ffn_mult - 1 = {self.ffn_mult - 1}")
+        if not 0.0 < self.upcycle_at < 1.0:
+            raise ConfigError(f"demo.upcycle_at={self.upcycle_at} must lie in (0, 1)")
+        if self.num_experts % (self.ffn_mult - 1):
+            raise ConfigError(f"demo.num_experts={self.num_experts} must be a multiple of ffn_mult - 1 = "
+                              f"{self.ffn_mult - 1} (arctic-upcycled: experts start as the dense MLP's slices)")
+        if not isinstance(self.web_varied, bool):
+            raise ConfigError(f"demo.web_varied={self.web_varied!r} must be true or false")
+        if not 0.0 < self.filter_keep_fraction < 1.0:
+            raise ConfigError(f"demo.filter_keep_fraction={self.filter_keep_fraction} must lie in (0, 1)")
         if not 0.0 < self.web_stage_fraction < 1.0:
             raise ConfigError(f"demo.web_stage_fraction={self.web_stage_fraction} must lie in (0, 1)")
         if self.planted_leaks > self.num_facts * self.quiz_questions_per_fact:
@@ -169,28 +199,75 @@ class DemoConfig:
             d["dpo"] = {"beta": self.dpo_beta, "loss": self.dpo_loss, "reference": "precomputed"}
         return d
 
+    @property
+    def train_steps(self) -> int:
+        return -(-self.train_tokens // self.tokens_per_step)
+
+    @property
+    def upcycle_step(self) -> int:
+        """The dense-textbook step arctic-upcycled starts from: ``upcycle_at`` of the run, on a logged step."""
+        step = round(self.train_steps * self.upcycle_at) // self.log_every * self.log_every
+        return min(max(step, self.log_every), self.train_steps - 1)
+
+    def upcycle_table(self, init_from: str, balance: str, seed: int | None = None) -> dict:
+        """The ``[model]`` table of an Arctic hybrid upcycled from the dense model at ``init_from``: the
+        demo hybrid's shape (residual MLP and top-k experts of width d_model), its residual MLP and
+        experts cut from the dense MLP's ffn_mult slices (``residual = "slice"``), so the active
+        parameters stay the dense model's."""
+        return {"init_from": init_from,
+                "upcycle": {"experts": self.num_experts, "top_k": self.ffn_mult - 1, "pattern": "H",
+                            "granularity": self.ffn_mult, "residual": "slice", "seed": self.seed if seed is None else seed},
+                "moe": {"balance": balance}}  # fmt: skip
+
     def run_dict(self, name: str, out_dir: str, tokenizer: str, sources: dict[str, str]) -> dict:
-        """The run config (``RunConfig.from_dict`` input) of demo model ``name`` (one of MODEL_NAMES)."""
+        """The run config (``RunConfig.from_dict`` input) of demo model ``name`` (one of MODEL_NAMES).
+        ``arctic-upcycled`` starts from dense-textbook's checkpoint at ``upcycle_step`` (its run
+        directory beside ``out_dir``) and trains the rest of the same stages. ``dense-filtered``
+        has dense-textbook's two stages with the filtered web corpus (``sources[FILTERED_SOURCE]``)
+        in place of the textbook one."""
         if name not in MODEL_NAMES:
             raise ConfigError(f"unknown demo model {name!r}; choose from {MODEL_NAMES}")
-        steps = -(-self.train_tokens // self.tokens_per_step)
+        steps = self.train_steps
         total = steps * self.tokens_per_step
         if name == "dense-web":
             stages = [{"name": "web", "tokens": total, "mixture": {"web": 1.0}}]
         else:
             web_steps = max(1, round(steps * self.web_stage_fraction))
+            second = FILTERED_SOURCE if name == "dense-filtered" else "textbook"
             stages = [{"name": "web", "tokens": web_steps * self.tokens_per_step, "mixture": {"web": 1.0}},
-                      {"name": "textbook", "tokens": (steps - web_steps) * self.tokens_per_step,
-                       "mixture": {"textbook": 1.0}}]
+                      {"name": second, "tokens": (steps - web_steps) * self.tokens_per_step,
+                       "mixture": {second: 1.0}}]
+        if name == "arctic-upcycled":
+            stages = stages_after(stages, self.upcycle_step * self.tokens_per_step)
+            dense = Path(out_dir).parent / "dense-textbook" / "checkpoints" / f"step-{self.upcycle_step:08d}"
+            model = self.upcycle_table(str(dense), MOE_RUNS[name])
+        else:
+            model = self.model_table("arctic" if name.startswith("arctic") else "dense")
+            if name in MOE_RUNS:
+                model["moe"]["balance"] = MOE_RUNS[name]
+        train = {"global_batch": self.global_batch, "micro_batch": self.global_batch, "seed": self.seed,
+                 "device": "cpu", "log_every": self.log_every, "eval_every": 0, "save_every": 0, "keep_last": 1,
+                 "threads": self.threads}  # fmt: skip
+        if name == "dense-textbook":  # keep the checkpoint arctic-upcycled starts from
+            train.update(save_every=self.upcycle_step, keep_last=steps)
         return {
             "out_dir": out_dir,
             "tokenizer": tokenizer,
-            "model": self.model_table("arctic" if name.startswith("arctic") else "dense"),
+            "model": model,
             "data": {"seq_len": self.seq_len, "seed": self.seed,
                      "sources": [{"name": k, "path": v, "val_sequences": self.val_sequences} for k, v in sources.items()],
                      "stages": stages},
             "optim": {"lr": self.lr, "warmup_steps": self.warmup_steps},
-            "train": {"global_batch": self.global_batch, "micro_batch": self.global_batch, "seed": self.seed,
-                      "device": "cpu", "log_every": self.log_every, "eval_every": 0, "save_every": 0,
-                      "keep_last": 1, "threads": self.threads},
+            "train": train,
         }
+
+
+def stages_after(stages: list[dict], skip_tokens: int) -> list[dict]:
+    """``stages`` without their first ``skip_tokens`` tokens (a run that continues another's budget)."""
+    out = []
+    for st in stages:
+        take = st["tokens"] - min(skip_tokens, st["tokens"])
+        skip_tokens -= st["tokens"] - take
+        if take:
+            out.append({**st, "tokens": take})
+    return out

@@ -15,7 +15,10 @@ from pathlib import Path
 from effilm.config.presets import COST_SEQ_LEN, REAL_PRESETS
 
 LABELS = {"dense-web": "dense, web text only", "dense-textbook": "dense, web then textbook",
-          "arctic-textbook": "Arctic hybrid, web then textbook"}
+          "dense-filtered": "dense, web then filtered web",
+          "arctic-textbook": "Arctic hybrid, web then textbook (Switch loss)",
+          "arctic-loss-free": "Arctic hybrid, web then textbook (loss-free balancing)",
+          "arctic-upcycled": "Arctic hybrid upcycled from dense, web then textbook (loss-free)"}
 
 
 def _pct(x) -> str:
@@ -95,6 +98,85 @@ def _posttrain_section(pt: dict, plots: dict[str, Path], chance: float) -> dict:
     return {"title": "4. Post-training: the chat model", "blocks": blocks}
 
 
+def _filter_blocks(qf: dict, tr: dict, ev: dict) -> list:
+    """What the learned quality filter kept and why, and where web-then-filtered-web lands."""
+    from effilm.demo.notes import between
+
+    kept, dropped, clf, ann = qf["kept"], qf["dropped"], qf["classifier"], qf["annotations"]
+    group_rows = [[name, g["documents"], f"{g['words']:,}", g["mean_score"], g["mean_rubric_score"],
+                   g["facts_per_document"], g["noise_lines_per_document"], g["facts_per_100_words"],
+                   _pct(g["rubric_3_or_more"])] for name, g in (("kept", kept), ("dropped", dropped))]
+    ex_rows = [[which, e["score"], e["rubric_score"], e["facts"], e["noise_lines"], e["text"].replace("\n", " / ")]
+               for which in ("high", "low") for e in qf["examples"][which]]
+    names = ["dense-web", "dense-filtered", "dense-textbook"]
+    rows = [[n, LABELS[n], " → ".join(st["name"] for st in tr[n]["stages"]), tr[n]["tokens"], _acc(ev[n]["cloze"]),
+             round(ev[n]["bits_per_byte"]["heldout_textbook"], 3), round(ev[n]["bits_per_byte"]["heldout_web"], 3)]
+            for n in names]  # fmt: skip
+    cl = {n: ev[n]["cloze"]["acc"] for n in names}
+    blocks = [
+        "**What filtering buys.** FineWeb-Edu's recipe at the demo's size: the procedural annotator scored "
+        f"{ann['scored']} web records generated apart from the corpus on the additive 0–5 rubric (a point for one "
+        "fact, one for two, one when facts are at least half the lines, one for three facts, one when at most a "
+        f"fifth of the lines are distractors); a hashed word n-gram classifier trained on them (F1 {clf['f1']:.3f} at "
+        f"threshold {clf['threshold']:g}, MAE {clf['mae']:.3f} on {clf['split']['test']} held out) scored the cleaned "
+        f"web corpus (`effilm filter --classifier`), and the top {_pct(qf['keep_fraction'])} by score were kept: "
+        f"{qf['kept_documents']} of {qf['input_documents']} documents, score at least {qf['score_cutoff']:.2f}. "
+        "The classifier never sees provenance, only the words; what it kept is told by the facts and distractor "
+        f"lines of each group (the annotator's counts): {kept['facts_per_document']} facts among "
+        f"{kept['noise_lines_per_document']} distractor lines per kept document, {dropped['facts_per_document']} among "
+        f"{dropped['noise_lines_per_document']} per dropped one:",
+        {"table": {"headers": ["web documents", "count", "words", "mean classifier score", "mean rubric score",
+                               "facts / doc", "distractor lines / doc", "facts / 100 words", "rubric ≥ 3"],
+                   "rows": group_rows,
+                   "caption": "Rubric score: the annotator's, from what the generator knows (not seen by the classifier)."}},
+        {"table": {"headers": ["end", "classifier score", "rubric score", "facts", "distractor lines", "text (lines joined by /)"],
+                   "rows": ex_rows, "caption": "The highest- and lowest-scored documents of the web corpus."}},
+    ]
+    if Path(clf["png"]).is_file():
+        blocks.append({"image": {"path": clf["png"], "caption": "The classifier on its held-out annotations: the "
+                                                                "score confusion matrix (F1 at the threshold) and "
+                                                                "predicted against annotated scores."}})
+    blocks += [
+        {"table": {"headers": ["model", "what", "stages", "tokens", "quiz cloze", "bits/byte textbook", "bits/byte web"],
+                   "rows": rows,
+                   "caption": "Same size and tokens. dense-filtered has dense-textbook's stage split: only the "
+                              "second stage's data differs."}},
+        f"On the quiz the filtered-web model lands {between(cl['dense-filtered'], cl['dense-web'], cl['dense-textbook'])} "
+        "on this seed. The three-seed comparison is the demo's slow test; docs/ARCHITECTURE.md gives its figures.",
+    ]
+    return blocks
+
+
+def _moe_blocks(tr: dict, ev: dict) -> list:
+    """Dense vs the Arctic hybrids at matched active compute: quality, cost and expert balance."""
+    from effilm.demo.config import MOE_RUNS
+
+    names = ["dense-textbook"] + [n for n in MOE_RUNS if n in tr]
+    rows = []
+    for n in names:
+        t, e = tr[n], ev[n]
+        fb = t.get("final_balance") or {}
+        rows.append([n, t.get("balance") or "–", t["active_params"], t["total_params"], t.get("tokens_total", t["tokens"]),
+                     round(e["bits_per_byte"]["heldout_textbook"], 4), round(e["bits_per_byte"]["heldout_web"], 4),
+                     _acc(e["cloze"]), round(t.get("cpu_s_total", t["cpu_s"]), 1),
+                     ", ".join(f"{x:.2f}" for x in fb.get("load_max_over_mean") or []) or "–",
+                     ", ".join(f"{x:.2f}" for x in fb.get("starved_frac") or []) or "–"])
+    up = tr.get("arctic-upcycled", {}).get("upcycled_from")
+    return [
+        "**Dense vs MoE at matched active compute.** The hybrids have the dense model's active parameters and "
+        "tokens: trained from scratch with the Switch loss or with loss-free balancing, or "
+        + (f"upcycled from the dense run's checkpoint at step {up['step']} ({up['tokens']:,} dense tokens, counted in "
+           "its budget and CPU time) and trained on the rest. " if up else "upcycled from the dense run. ")
+        + "One seed at one learning rate; `benchmarks/moe_vs_dense.py` runs the three-seed comparison with each "
+          "arm's rate tuned.",
+        {"table": {"headers": ["model", "balancing", "active params", "total params", "tokens", "bits/byte textbook",
+                               "bits/byte web", "quiz cloze", "train CPU s", "max/mean load (per layer)",
+                               "starved experts (per layer)"], "rows": rows,
+                   "caption": "Balance at the last logged step: 1.00 max/mean is perfect balance; 'starved' counts "
+                              "experts under a quarter of the balanced share."}},
+    ]
+
+
 def _model_configs(summary: dict) -> list[dict]:
     cfgs = []
     for name, t in summary["train"].items():
@@ -135,7 +217,7 @@ def build_report(summary: dict, plots: dict[str, Path]) -> dict:
                    " → ".join(s["name"] for s in t["stages"]), round(t["final_loss"], 3),
                    round(t["cpu_s"], 1)] for n, t in tr.items()]  # fmt: skip
     blocks = [
-        "Three models at equal token budgets. The Arctic hybrid has the same *active* parameters as the dense "
+        f"{len(tr)} models at equal token budgets. The Arctic hybrids have the same *active* parameters as the dense "
         "model (a dense residual MLP plus a routed top-2 MoE in every layer) and several times the total.",
         {"table": {"headers": ["model", "what", "active params", "total params", "tokens", "stages", "final loss",
                                "train CPU s"], "rows": train_rows}},
@@ -145,6 +227,10 @@ def build_report(summary: dict, plots: dict[str, Path]) -> dict:
         if key.endswith("/expert_load"):
             blocks.append({"image": {"path": str(p), "caption": f"{key.split('/')[0]}: load per expert over training "
                                                                  "(1.0 = uniform), one panel per MoE layer."}})
+        elif key.endswith("/balance"):
+            blocks.append({"image": {"path": str(p), "caption": f"{key.split('/')[0]}: per MoE layer, the busiest "
+                                                                 "expert's load over the mean and the fraction of "
+                                                                 "experts under a quarter of the balanced share."}})
     sections.append({"title": "2. Training", "blocks": blocks})
 
     eval_rows = []
@@ -164,6 +250,10 @@ def build_report(summary: dict, plots: dict[str, Path]) -> dict:
         "tend to pick one letter whatever the question, so letter accuracy sits near chance:",
         {"table": {"headers": ["model", "letters picked"], "rows": letters}},
     ]})
+
+    if "dense-filtered" in ev and "quality_filter" in cl:
+        sections[-1]["blocks"] += _filter_blocks(cl["quality_filter"], tr, ev)
+    sections[-1]["blocks"] += _moe_blocks(tr, ev)
 
     pt = summary.get("posttrain")
     if pt:

@@ -4,15 +4,22 @@ Stages (each prints its progress and its wall and CPU time):
 
 1. **synthesize**: a textbook corpus (facts stated in several phrasings plus exercises with
    solutions that teach the question-and-answer form), a web-like corpus (the same facts in loose
-   prose among distractor lines), held-out text from both generators, and the MMLU-format quiz
-   whose question phrasings the corpora never use;
+   prose among distractor lines, 0-4 facts among 0-8 distractors per record), held-out text from
+   both generators, a separate slice of web records for the quality classifier, and the
+   MMLU-format quiz whose question phrasings the corpora never use;
 2. **clean**: dedup, quality filters and decontamination against the quiz, per corpus; then a
    few quiz items are planted in a COPY of the cleaned textbook corpus and decontamination must
-   find exactly those;
-3. **tokenize**: a byte-level BPE trained on the cleaned corpora, one token dataset per corpus;
+   find exactly those; then the learned quality filter (:mod:`effilm.demo.quality`): the slice
+   scored by the procedural annotator, an n-gram classifier trained on it, and the top
+   ``filter_keep_fraction`` of the cleaned web corpus by its score kept as the filtered corpus;
+3. **tokenize**: a byte-level BPE trained on the cleaned corpora, one token dataset per corpus
+   (and one for the filtered web corpus, with the same tokenizer);
 4. **train** at equal token budgets: ``dense-web`` (tiny-dense on web text only),
-   ``dense-textbook`` (tiny-dense, web then textbook) and ``arctic-textbook`` (the tiny Arctic
-   hybrid in the same two stages, same active parameters, many more in total);
+   ``dense-textbook`` (tiny-dense, web then textbook), ``dense-filtered`` (tiny-dense, web then
+   filtered web, in dense-textbook's stage split) and three tiny Arctic hybrids in the same
+   two stages, with the same active parameters and many more in total: ``arctic-textbook`` (the
+   Switch loss), ``arctic-loss-free`` (loss-free balancing) and ``arctic-upcycled`` (dense-textbook
+   upcycled partway, the dense tokens counted in its budget);
 5. **evaluate**: quiz accuracy by letter and cloze scoring against chance, bits per byte on the
    held-out text, and the contamination status of each model's training data beside its scores;
 6. **posttrain**: the textbook model fine-tuned with SFT on chat conversations about its facts,
@@ -30,7 +37,7 @@ Stages (each prints its progress and its wall and CPU time):
       "config": {DemoConfig fields},
       "timings": {stage: {"wall_s": float, "cpu_s": float}},     # stages above + "total"
       "costs": {preset: effilm.config.cost.cost_summary(...)},   # real presets, for comparison
-      "synthesize": {"paths": {textbook, web, heldout_textbook, heldout_web, quiz},
+      "synthesize": {"paths": {textbook, web, heldout_textbook, heldout_web, annotate_web, quiz},
                      "posttrain": {chat|preferences: {"path", "records"}},
                      "facts": {"count", "by_relation"}, "textbook_domains": [str],
                      "corpora": {name: {"path", "documents", "chars", "words"}},
@@ -41,16 +48,30 @@ Stages (each prints its progress and its wall and CPU time):
                                                         "clean", "report",
                                                         "after_cleaning": {"contaminated", "contaminated_ids"}},
                                            "output_documents"}},
-                "paths": {textbook|web: cleaned JSONL},
+                "paths": {textbook|web|web_filtered: cleaned JSONL},
                 "planted_leak_check": {"corpus_copy", "planted": [{"item", "doc", "text"}],
                                        "found_items", "found_documents", "missed", "false_positives",
-                                       "exact": bool}},
-      "tokenize": {"tokenizer", "vocab_size", "datasets": {textbook|web: {"path", "documents", "tokens",
+                                       "exact": bool},
+                "quality_filter": {"path", "keep_fraction", "input_documents", "rejected_by_filter",
+                                   "kept_documents", "score_cutoff" (the lowest kept score),
+                                   "annotations": {"source", "path", "documents", "scored", "unscored",
+                                                   "score_counts": {score: count}},
+                                   "classifier": {"path", "features", "threshold", "scale", "split", "f1",
+                                                  "mae", "rmse", "report", "png"},
+                                   "kept" | "dropped": {"documents", "words", "mean_score", "mean_rubric_score",
+                                                        "facts_per_document", "noise_lines_per_document",
+                                                        "facts_per_100_words", "rubric_3_or_more"},
+                                   "examples": {"high" | "low": [{"id", "score", "rubric_score", "facts",
+                                                                  "noise_lines", "text"}]}}},
+      "tokenize": {"tokenizer", "vocab_size", "datasets": {textbook|web|web_filtered: {"path", "documents", "tokens",
                                                                            "chars_per_token"}}},
       "train": {model: {"run_dir", "config", "final_dir", "preset", "steps", "tokens", "stages",
                         "total_params", "active_params", "flops_per_token", "first_loss", "final_loss",
                         "val_loss": {source: loss}, "loss_curve": [{"step", "tokens", "stage", "loss"}],
-                        "wall_s", "cpu_s", "tokens_per_cpu_s"}},
+                        "wall_s", "cpu_s", "tokens_per_cpu_s", "balance": "aux_loss" | "loss_free" | null,
+                        "tokens_total", "cpu_s_total" (the upcycled run: + its dense share),
+                        MoE: "final_balance": {"load_max_over_mean", "starved_frac"},
+                        arctic-upcycled: "upcycled_from": {"run", "step", "checkpoint", "tokens"}}},
       "evaluate": {model: {"trained_on", "chance",
                            "letter" | "cloze" | "cloze_norm": {"acc", "stderr", "n", "average": "micro"},
                            "predicted_letters": {letter: count}, "bits_per_byte": {heldout_textbook, heldout_web},
@@ -74,7 +95,10 @@ Stages (each prints its progress and its wall and CPU time):
       "notes": [{"topic", "shows": bool | null, "text"}]         # see effilm.demo.notes
     }
 
-Models: ``dense-web``, ``dense-textbook``, ``arctic-textbook``. Paths are absolute (``--out`` made absolute).
+Models: ``dense-web``, ``dense-textbook``, ``dense-filtered``, ``arctic-textbook``, ``arctic-loss-free``,
+``arctic-upcycled``. A model's ``trained_on`` names the sources of its stages (``web_filtered`` for the
+filtered corpus, whose contamination status is the cleaned web corpus's).
+Paths are absolute (``--out`` made absolute).
 """
 
 from __future__ import annotations
@@ -133,9 +157,11 @@ def report(summary: dict, out_dir: Path) -> dict:
 
 
 def best_model(summary: dict) -> str:
-    """The model with the highest cloze accuracy (ties: lowest held-out textbook bits per byte)."""
-    ev = summary["evaluate"]
-    return max(ev, key=lambda m: (ev[m]["cloze"]["acc"], -ev[m]["bits_per_byte"]["heldout_textbook"]))
+    """The model with the highest cloze accuracy (ties: lowest held-out textbook bits per byte) among
+    those the ship stage can export: loss-free balancing's selection bias has no place in HF or GGUF."""
+    ev, tr = summary["evaluate"], summary["train"]
+    ok = [m for m in ev if tr[m].get("balance") != "loss_free"]
+    return max(ok, key=lambda m: (ev[m]["cloze"]["acc"], -ev[m]["bits_per_byte"]["heldout_textbook"]))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -177,6 +203,11 @@ def run_pipeline(cfg: DemoConfig, out_dir: Path, quick: bool = False) -> dict:
         pl = c["planted_leak_check"]
         print(f"  planted {len(pl['planted'])} quiz items in a copy: found {len(pl['found_items'])}, "
               f"exactly those: {pl['exact']}")
+        qf = c["quality_filter"]
+        print(f"  quality filter: classifier F1 {qf['classifier']['f1']:.3f} on {qf['classifier']['split']['test']} "
+              f"held-out annotations; kept {qf['kept_documents']} of {qf['input_documents']} web docs (score >= "
+              f"{qf['score_cutoff']:.2f}; facts/doc {qf['kept']['facts_per_document']} kept vs "
+              f"{qf['dropped']['facts_per_document']} dropped)")
     with stage("tokenize", timings):
         t = summary["tokenize"] = tokenize(cfg, c, out_dir / "tokens")
         print(f"  vocab {t['vocab_size']}: " + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in t["datasets"].items()))

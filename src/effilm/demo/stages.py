@@ -14,7 +14,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from effilm.demo.config import DemoConfig
+from effilm.demo.config import FILTERED_SOURCE, DemoConfig
 from effilm.errors import EffilmError
 from effilm.io import atomic_open, atomic_write_json, iter_jsonl
 
@@ -50,16 +50,19 @@ def synthesize(cfg: DemoConfig, out: Path) -> dict:
     from effilm.synth import procedural as P
 
     pcfg = P.ProceduralConfig(num_facts=cfg.num_facts, records=cfg.textbook_records, web_records=cfg.web_records,
-                              domains=["facts"])
+                              domains=["facts"], web_varied=cfg.web_varied)
     n_text, n_web, n_held = cfg.textbook_records, cfg.web_records, cfg.heldout_records
     paths = {"textbook": out / "textbook.jsonl", "web": out / "web.jsonl",
              "heldout_textbook": out / "heldout_textbook.jsonl", "heldout_web": out / "heldout_web.jsonl",
-             "quiz": out / "quiz.jsonl"}
+             "annotate_web": out / "annotate_web.jsonl", "quiz": out / "quiz.jsonl"}
     write_jsonl(paths["textbook"], P.generate_corpus(n_text, cfg.num_facts, cfg.seed, cfg=pcfg))
     write_jsonl(paths["web"], P.generate_web_corpus(n_web, cfg.num_facts, cfg.seed, cfg=pcfg))
     # held-out text: the records right after the training ones (same generators, unseen indices)
     write_jsonl(paths["heldout_textbook"], P.generate_corpus(n_held, cfg.num_facts, cfg.seed, start=n_text, cfg=pcfg))
     write_jsonl(paths["heldout_web"], P.generate_web_corpus(n_held, cfg.num_facts, cfg.seed, start=n_web, cfg=pcfg))
+    # the quality classifier's training slice: web records after the held-out ones, never in the corpus it filters
+    write_jsonl(paths["annotate_web"], P.generate_web_corpus(cfg.annotate_records, cfg.num_facts, cfg.seed,
+                                                             start=n_web + n_held, cfg=pcfg))
     quiz = P.generate_quiz(cfg.num_facts, cfg.seed, cfg.quiz_questions_per_fact)
     write_jsonl(paths["quiz"], quiz)
     # post-training data: chat turns and preference pairs about the same facts, in exercise and chat phrasings
@@ -83,9 +86,12 @@ def synthesize(cfg: DemoConfig, out: Path) -> dict:
 
 # ----------------------------------------------------------------------------- 2. clean
 def clean(cfg: DemoConfig, synth: dict, out: Path) -> dict:
-    """Dedup, quality filters and decontamination against the quiz, per corpus; then the planted-leak check."""
+    """Dedup, quality filters and decontamination against the quiz, per corpus; the planted-leak
+    check; then the learned quality filter: the top of the cleaned web corpus by classifier score
+    (:mod:`effilm.demo.quality`)."""
     from effilm.data.dedup import dedup_files
     from effilm.data.filters import filter_files
+    from effilm.demo.quality import quality_filter
     from effilm.eval.decontam_scan import find_contamination
     from effilm.eval.tasks import load_task
 
@@ -116,6 +122,9 @@ def clean(cfg: DemoConfig, synth: dict, out: Path) -> dict:
         }
         result["paths"][name] = str(final)
     result["planted_leak_check"] = planted_leak_check(cfg, quiz, Path(result["paths"]["textbook"]), out / "planted")
+    qf = result["quality_filter"] = quality_filter(cfg, Path(synth["paths"]["annotate_web"]),
+                                                   Path(result["paths"]["web"]), out / "quality")
+    result["paths"][FILTERED_SOURCE] = qf["path"]
     return result
 
 
@@ -192,8 +201,10 @@ def tokenize(cfg: DemoConfig, cleaned: dict, out: Path) -> dict:
         shutil.rmtree(tok_dir)
     train_tokenizer(inputs, tok_dir, TokenizerTrainConfig(vocab_size=cfg.vocab_size))
     tok = load_tokenizer(tok_dir)
+    # the filtered web corpus is a subset of the web one: tokenized with the same tokenizer, not trained on twice
+    corpora = {name: Path(cleaned["paths"][name]) for name in (*CORPORA, FILTERED_SOURCE) if name in cleaned["paths"]}
     datasets = {}
-    for name, path in zip(CORPORA, inputs, strict=True):
+    for name, path in corpora.items():
         target = out / name
         if target.exists():
             shutil.rmtree(target)

@@ -1,8 +1,11 @@
-"""The demo's model stages: train the three models at equal token budgets, then evaluate them.
+"""The demo's model stages: train the six models at equal token budgets, then evaluate them.
 
 * ``train_models``: ``dense-web`` (tiny-dense, web-like text only), ``dense-textbook`` (tiny-dense,
-  web then textbook, as Phi-3 staged its data) and ``arctic-textbook`` (the tiny Arctic hybrid in
-  the same two stages, same active parameters, many more in total), each through
+  web then textbook, as Phi-3 staged its data), ``dense-filtered`` (tiny-dense, web then the web
+  corpus's top share by quality-classifier score) and three Arctic hybrids at the same active
+  parameters and tokens, many more parameters in total: ``arctic-textbook`` (the Switch loss),
+  ``arctic-loss-free`` (loss-free balancing) and ``arctic-upcycled`` (dense-textbook's checkpoint at
+  ``upcycle_step``, upcycled and trained on the rest of the budget, loss-free), each through
   ``effilm.train.loop.train`` with a run config written to ``runs/<name>.json``.
 * ``evaluate_models``: the quiz with letter and cloze scoring (zero-shot), bits per byte on the
   held-out textbook and web text, and beside each score the contamination status of the corpora
@@ -15,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from effilm.demo.config import MODEL_NAMES, DemoConfig
+from effilm.demo.config import FILTERED_SOURCE, MODEL_NAMES, DemoConfig
 from effilm.io import atomic_write_json
 
 
@@ -62,21 +65,43 @@ def train_models(cfg: DemoConfig, tok: dict, out: Path, log=print) -> dict:
     sources = {name: tok["datasets"][name]["path"] for name in ("web", "textbook")}
     results = {}
     for name in MODEL_NAMES:
-        d = cfg.run_dict(name, str(out / name), tok["tokenizer"], sources)
+        # only dense-filtered reads the filtered corpus (another source would add a validation split to the others)
+        extra = {FILTERED_SOURCE: tok["datasets"][FILTERED_SOURCE]["path"]} if name == "dense-filtered" else {}
+        d = cfg.run_dict(name, str(out / name), tok["tokenizer"], {**sources, **extra})
         rc = fresh_run(d, out / f"{name}.json", f"demo run {name}")
         log(f"  {name}: {rc.model.num_active_params():,} active / {rc.model.num_params():,} total params, "
             f"{sum(s.tokens for s in rc.data.stages):,} tokens in stages {[s.name for s in rc.data.stages]}")
         run, curve = timed_train(rc, cfg.seed)
+        moe = rc.model.moe
         results[name] = {
-            **run, "config": str(out / f"{name}.json"), "preset": d["model"]["preset"],
+            **run, "config": str(out / f"{name}.json"), "preset": d["model"].get("preset", "upcycled"),
             "stages": [{"name": s.name, "tokens": s.tokens, "mixture": s.mixture} for s in rc.data.stages],
             "total_params": rc.model.num_params(), "active_params": rc.model.num_active_params(),
             "flops_per_token": rc.model.flops_per_token(cfg.seq_len), "loss_curve": curve,
             "tokens_per_cpu_s": round(run["tokens"] / max(run["cpu_s"], 1e-9), 1),
+            "balance": moe.balance if moe else None, "tokens_total": run["tokens"], "cpu_s_total": run["cpu_s"],
         }
+        if rc.model.upcycle is not None:  # the dense steps before upcycling count toward its budget and cost
+            src = results["dense-textbook"]
+            share = cfg.upcycle_step / max(src["steps"], 1)
+            results[name].update(
+                upcycled_from={"run": "dense-textbook", "step": cfg.upcycle_step, "checkpoint": rc.model.init_from,
+                               "tokens": cfg.upcycle_step * cfg.tokens_per_step},
+                tokens_total=run["tokens"] + cfg.upcycle_step * cfg.tokens_per_step,
+                cpu_s_total=round(run["cpu_s"] + share * src["cpu_s"], 2))  # fmt: skip
+        if moe:
+            results[name]["final_balance"] = _final_balance(Path(rc.out_dir))
         log(f"  {name}: final loss {run['final_loss']:.3f}, val {run['val_loss']}, "
             f"{run['wall_s']:.1f}s wall, {run['cpu_s']:.1f}s CPU")
     return results
+
+
+def _final_balance(run_dir: Path) -> dict:
+    """The last logged balance of an MoE run: per layer, max load / mean and the starved fraction."""
+    from effilm.reports.metrics import read_metrics
+
+    last = read_metrics(run_dir / "metrics.jsonl").train[-1]
+    return {"load_max_over_mean": last.get("load_max_over_mean"), "starved_frac": last.get("starved_frac")}
 
 
 def accuracy(entry: dict, metric: str) -> dict:
@@ -100,7 +125,8 @@ def evaluate_models(cfg: DemoConfig, synth: dict, cleaned: dict, trained: dict, 
     chance = synth["quiz"]["chance"]
     results = {}
     for name, tr in trained.items():
-        used = sorted({src for st in tr["stages"] for src in st["mixture"]})
+        runs = [tr] + ([trained[tr["upcycled_from"]["run"]]] if tr.get("upcycled_from") else [])
+        used = sorted({src for r in runs for st in r["stages"] for src in st["mixture"]})
         corpus_report = _contamination(cleaned, used)
         model, tokenizer = load_model_and_tokenizer(tr["final_dir"])
         entry: dict = {"trained_on": used, "chance": chance}
@@ -127,11 +153,12 @@ def evaluate_models(cfg: DemoConfig, synth: dict, cleaned: dict, trained: dict, 
 
 
 def _contamination(cleaned: dict, corpora: list[str]) -> dict:
-    """The quiz's contamination in the cleaned corpora one model trained on (union over corpora)."""
+    """The quiz's contamination in the cleaned corpora one model trained on (union over corpora;
+    the filtered web corpus is a subset of the cleaned web one, so it counts as that)."""
     ids: list[str] = []
     items = 0
     for c in corpora:
-        d = cleaned["corpora"][c]["decontam"]
+        d = cleaned["corpora"]["web" if c == FILTERED_SOURCE else c]["decontam"]
         items = d["items"]
         ids += [i for i in d["after_cleaning"]["contaminated_ids"] if i not in ids]
     return {"benchmarks": [{"name": "quiz", "items": items, "contaminated": len(ids), "contaminated_ids": ids}]}

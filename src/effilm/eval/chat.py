@@ -100,7 +100,7 @@ def score_chat(model, tokenizer, items: list[ChatItem], *, batch_size: int, max_
 
     if not getattr(tokenizer, "chat_template", None):
         raise EffilmError("chat tasks need a tokenizer with a chat template; this model's tokenizer has none")
-    engine = Engine(model, tokenizer, cpu_layout=False)
+    engine = Engine(model, tokenizer, cpu_layout=False, quant_kernel="exact")  # scores: the exact reference
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     prompts = [engine.chat_prompt(it.messages) for it in items]
     records = []

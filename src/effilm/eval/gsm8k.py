@@ -96,7 +96,7 @@ def score_gsm8k(model, tokenizer, items: list[MathItem], dev: list[MathItem], *,
     if shots > len(dev):
         raise EffilmError(f"gsm8k: shots={shots} but the few-shot source has {len(dev)} examples"
                           + ("" if dev else " (give one with dev=FILE, or --shots 0)"))
-    engine = Engine(model, tokenizer, cpu_layout=False)
+    engine = Engine(model, tokenizer, cpu_layout=False, quant_kernel="exact")  # scores: the exact reference
     room = (max_length or engine.max_context) - max_gen_toks
     if room < 1:
         raise EffilmError(f"gsm8k: max_gen_toks={max_gen_toks} leaves no room for a prompt in a context of "

@@ -9,6 +9,7 @@ import math
 import platform
 
 from effilm.eval.chat import score_chat
+from effilm.eval.code_task import CodeConfig, generation_manifest, score_code
 from effilm.eval.gsm8k import score_gsm8k
 from effilm.eval.scoring import EvalConfig, TokenizerAdapter, perplexity, prompt_format, score_task
 from effilm.eval.tasks import Task
@@ -24,18 +25,19 @@ def mean_stderr(values: list[float]) -> float | None:
 
 
 def _acc(records: list[dict], key: str) -> dict:
-    vals = [1.0 if r[key] else 0.0 for r in records]
+    vals = [float(r[key]) for r in records]  # correct (bool) or a per-item score in [0, 1] (pass@k)
     return {"n": len(vals), "acc": sum(vals) / len(vals) if vals else None, "stderr": mean_stderr(vals)}
 
 
-def aggregate(records: list[dict], metrics: tuple[str, ...]) -> dict:
+def aggregate(records: list[dict], metrics: tuple[str, ...], keys: tuple[str, ...] = ("correct", "correct_norm")) -> dict:
     """Per subject accuracy, then overall micro (every item weighs the same) and macro (every
-    subject weighs the same; stderr from the subjects' stderrs) averages, both labelled."""
+    subject weighs the same; stderr from the subjects' stderrs) averages, both labelled. Metric i
+    is the mean of each record's ``keys[i]``."""
     subjects: dict[str, list[dict]] = {}
     for r in records:
         subjects.setdefault(r["subject"], []).append(r)
     out = {"subjects": {}, "overall": {}}
-    for metric, key in zip(metrics, ("correct", "correct_norm"), strict=False):
+    for metric, key in zip(metrics, keys, strict=False):
         per = {s: _acc(rs, key) for s, rs in sorted(subjects.items())}
         for s, v in per.items():
             out["subjects"].setdefault(s, {"n": v["n"]})[metric] = v["acc"]
@@ -86,10 +88,11 @@ def contamination_for(task: Task, corpus_report: dict | None) -> dict | None:
 
 def run_evaluation(model, tokenizer, tasks: list[Task], cfg: EvalConfig, *, scorer=None,
                    corpus_report: dict | None = None, model_path: str | None = None,
-                   contamination_check: dict | None = None) -> dict:
+                   contamination_check: dict | None = None, code_cfg: CodeConfig | None = None) -> dict:
     """Evaluate every task and return the full report (JSON-serialisable). ``contamination_check``
     (from :func:`effilm.eval.provenance.check_training_data`) says how the contamination figures
-    were obtained, or why there are none; it is kept in the report and printed by the table."""
+    were obtained, or why there are none; it is kept in the report and printed by the table.
+    ``code_cfg`` sets code tasks' sampling, pass@k and sandbox (and must allow code execution)."""
     import torch
 
     import effilm
@@ -111,10 +114,16 @@ def run_evaluation(model, tokenizer, tasks: list[Task], cfg: EvalConfig, *, scor
                                       batch_size=cfg.batch_size, max_gen_toks=cfg.max_gen_toks,
                                       max_length=cfg.max_length)
                 metrics = ("strict-match", "flexible-extract")  # keys correct, correct_norm
+            elif task.kind == "code":
+                code_cfg = code_cfg or CodeConfig()
+                records = score_code(model, tokenizer, task.code, code_cfg, batch_size=cfg.batch_size,
+                                     max_length=cfg.max_length, seed=cfg.seed)
+                metrics = tuple(f"pass@{k}" for k in code_cfg.ks)  # the mean over problems of each pass@k
+                entry["generation"] = generation_manifest(code_cfg, records)
             else:
                 records = score_task(model, tok, task, cfg, scorer=scorer)
                 metrics = ("acc",) if cfg.scoring == "letter" else ("acc", "acc_norm")
-            entry.update(aggregate(records, metrics))
+            entry.update(aggregate(records, metrics, metrics if task.kind == "code" else ("correct", "correct_norm")))
             cont = contamination_for(task, corpus_report)
             if cont is not None:
                 bad = set(cont["contaminated_ids"])
@@ -163,7 +172,7 @@ def format_table(report: dict) -> str:
         c = t.get("contamination")
         if c is not None:
             lines.append(f"contamination: {c['contaminated']}/{c['items']} items found in the corpus; "
-                         f"acc on the clean items {_f(c['clean_acc'], 0)}")
+                         f"{metrics[0]} on the clean items {_f(c['clean_acc'], 0)}")
         elif report.get("contamination_check"):
             lines.append(f"contamination: {report['contamination_check']['status']} (see below)")
     if report.get("contamination_check"):

@@ -11,6 +11,8 @@ A task SPEC names a format and a path, with optional comma-separated options::
                           exact match of the greedy answer (see :mod:`effilm.eval.chat`)
     gsm8k:FILE            math word problems (question, answer ending in ``#### N``), greedy
                           generation, lm-eval's strict-match and flexible-extract (:mod:`effilm.eval.gsm8k`)
+    code:FILE             HumanEval-format problems (prompt, test, entry_point), completions run in a
+                          sandbox and scored by pass@k (:mod:`effilm.eval.code_task`)
 
     options: ``split=val`` (which split to evaluate), ``dev=PATH`` (few-shot source in the same
     format), ``name=LABEL`` (the task's name in reports).  Example: ``jsonl:quiz.jsonl,dev=d.jsonl``.
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from effilm.errors import ConfigError, EffilmError, closest
 
-KINDS = ("mmlu", "csv", "jsonl", "parquet", "ppl", "chat", "gsm8k")
+KINDS = ("mmlu", "csv", "jsonl", "parquet", "ppl", "chat", "gsm8k", "code")
 SPLITS = ("dev", "val", "test")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -78,12 +80,13 @@ class Task:
     chat: list = field(default_factory=list)  # chat tasks: effilm.eval.chat.ChatItem
     math: list = field(default_factory=list)  # gsm8k tasks: effilm.eval.gsm8k.MathItem
     math_dev: list = field(default_factory=list)  # gsm8k tasks: the few-shot examples, file order
+    code: list = field(default_factory=list)  # code tasks: effilm.eval.code_task.CodeItem
 
     @property
     def entries(self) -> list:
-        """What is scored: the multiple-choice items, or a chat task's questions (both have
+        """What is scored: the multiple-choice items, or a generation task's items (all have
         ``uid``, ``question`` and ``answer_text``)."""
-        return self.chat if self.kind == "chat" else self.math if self.kind == "gsm8k" else self.items
+        return {"chat": self.chat, "gsm8k": self.math, "code": self.code}.get(self.kind, self.items)
 
     def data_hash(self) -> str:
         """sha256 over every file read (name and content), in a fixed order."""
@@ -277,11 +280,12 @@ def load_task(spec: str | TaskSpec, cfg: TaskConfig | None = None) -> Task:
         task.texts = read_texts(path)
         task.files.append(str(path))
         return task
-    if ts.kind in ("chat", "gsm8k"):  # generation tasks: JSONL records of their own kind
+    if ts.kind in ("chat", "gsm8k", "code"):  # generation tasks: JSONL records of their own kind
         from effilm.eval.chat import chat_item
+        from effilm.eval.code_task import code_item
         from effilm.eval.gsm8k import math_item
 
-        make = chat_item if ts.kind == "chat" else math_item
+        make = {"chat": chat_item, "gsm8k": math_item, "code": code_item}[ts.kind]
         items = read_jsonl_items(path, make, rows.bad)
         task.files.append(str(path))
         if not items:
@@ -289,6 +293,11 @@ def load_task(spec: str | TaskSpec, cfg: TaskConfig | None = None) -> Task:
         _assign_uids(items)
         if ts.kind == "chat":
             task.chat = items
+            return task
+        if ts.kind == "code":
+            if "dev" in ts.options:
+                raise EffilmError(f"task spec {ts.path!r}: code tasks take no few-shot examples (dev=)")
+            task.code = items
             return task
         task.math = items
         dev = ts.options.get("dev")

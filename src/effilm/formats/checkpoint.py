@@ -87,13 +87,16 @@ def is_effilm_dir(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a directory: one ``*.safetensors`` file or a sharded index."""
+def load_safetensors_dir(path: str | os.PathLike, only: str | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a directory: one ``*.safetensors`` file or a sharded index; with ``only``,
+    that file alone (an effilm training checkpoint also holds ``optimizer.safetensors``)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     index = path / "model.safetensors.index.json"
-    if index.is_file():
+    if only is not None:
+        files = [only]
+    elif index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
@@ -103,7 +106,7 @@ def load_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for name in files:
         f = path / name
         if not f.is_file():
-            raise CheckpointError(f"{path}: shard {name} named in the index is missing")
+            raise CheckpointError(f"{path}: {name} is missing" + ("" if only else " (named in the index)"))
         try:
             tensors.update(load_file(str(f)))
         except Exception as exc:  # safetensors raises its own error types for corrupt files
@@ -168,7 +171,7 @@ def load_effilm(path: Path, meta: dict, device=None, dtype=None, verify: bool = 
         model = build_quantized(cfg, meta["quantization"], device=device)
     else:
         model = build_model(cfg, device=device, init=False)
-    load_state_checked(model, load_safetensors_dir(path), str(path))
+    load_state_checked(model, load_safetensors_dir(path, only=WEIGHTS), str(path))
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()

@@ -88,6 +88,9 @@ def gguf_tensors(model) -> list[tuple[str, np.ndarray]]:
     T = gguf.MODEL_TENSOR
     cfg = model.cfg
     hd = cfg.head_dim
+    from effilm.formats.hf import refuse_routing_bias
+
+    refuse_routing_bias(model, "GGUF")
     sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
     if any(k.endswith((".q", ".scales")) for k in sd):
         raise EffilmError("cannot export an effilm-quantized checkpoint to GGUF: export the fp model with --type q8_0/q4_0")

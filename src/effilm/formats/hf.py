@@ -1,8 +1,10 @@
 """Hugging Face interop: declarative key maps and config conversion, both ways.
 
 Supported: LlamaForCausalLM (and Mistral's identical layout), Phi3ForCausalLM, MixtralForCausalLM,
-PhimoeForCausalLM, and Snowflake's ArcticForCausalLM (key layout and config.json field names of
-Snowflake's modeling_arctic.py). MoE experts use the per-expert ``experts.{e}.w1/w2/w3`` layout
+PhimoeForCausalLM, Snowflake's ArcticForCausalLM (key layout and config.json field names of
+Snowflake's modeling_arctic.py) and Apple's OpenELMForCausalLM (the ``transformer.*`` layout of the
+apple/OpenELM-* checkpoints; transformers has no class for it: Apple's own remote code and mlx-lm
+read it). MoE experts use the per-expert ``experts.{e}.w1/w2/w3`` layout
 that Hub checkpoints use (transformers 5 converts it to its fused layout on load).
 
 Each rule maps one effilm tensor to a list of HF tensors: ``parts`` are concatenated along dim 0
@@ -20,7 +22,7 @@ import torch
 
 from effilm.config.hf import choose_architecture, config_from_hf, config_to_hf
 from effilm.config.model import ModelConfig
-from effilm.errors import CheckpointError
+from effilm.errors import CheckpointError, EffilmError
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class Rule:
 
 # ----- key maps --------------------------------------------------------------------------------
 def key_rules(cfg: ModelConfig, arch: str) -> list[Rule]:
+    if arch == "OpenELMForCausalLM":
+        return _openelm_rules(cfg)
     d, hd = cfg.d_model, cfg.head_dim
     layernorm_bias = cfg.norm == "layernorm" and cfg.norm_bias
     rules: list[Rule] = []
@@ -91,7 +95,45 @@ def key_rules(cfg: ModelConfig, arch: str) -> list[Rule]:
     return rules
 
 
+def refuse_routing_bias(model, fmt: str) -> None:
+    """A clear error when ``model`` routes with a selection bias (loss-free balancing) that the
+    format ``fmt`` has no tensor for: the export would pick other experts. A bias no larger than
+    upcycling's tie-break (``models.moe.TIE_BREAK``) only orders exact ties and is left out."""
+    from effilm.models.moe import routing_bias_layers
+
+    layers = routing_bias_layers(model)
+    if layers:
+        raise EffilmError(
+            f"this model chooses experts with a selection bias (loss-free balancing; MoE "
+            f"layers {layers}); the {fmt} format has no place for it, so the export would route differently. Keep "
+            "it in effilm's format (generate, serve, eval and quantize read it), or train with moe.balance='aux_loss'"
+        )
+
+
+def _openelm_rules(cfg: ModelConfig) -> list[Rule]:
+    """OpenELM stores what effilm fuses the same way: one ``qkv_proj`` ([Q|K|V] by heads) and one
+    ``proj_1`` ([gate|up], gate first); per-head ``q_norm``/``k_norm``; the head only when untied."""
+    d, hd = cfg.d_model, cfg.head_dim
+    rules = [Rule("embed.weight", ("transformer.token_embeddings.weight",), (cfg.vocab_size,))]
+    for i, s in enumerate(cfg.layers):
+        o, p = f"layers.{i}", f"transformer.layers.{i}"
+        rules += [Rule(f"{o}.attn_norm.weight", (f"{p}.attn_norm.weight",), (d,)),
+                  Rule(f"{o}.attn.qkv.weight", (f"{p}.attn.qkv_proj.weight",), ((s.n_heads + 2 * s.n_kv_heads) * hd,)),
+                  Rule(f"{o}.attn.o.weight", (f"{p}.attn.out_proj.weight",), (d,)),
+                  Rule(f"{o}.mlp_norm.weight", (f"{p}.ffn_norm.weight",), (d,)),
+                  Rule(f"{o}.mlp.gate_up.weight", (f"{p}.ffn.proj_1.weight",), (2 * s.ffn_dim,)),
+                  Rule(f"{o}.mlp.down.weight", (f"{p}.ffn.proj_2.weight",), (d,))]  # fmt: skip
+        if cfg.qk_norm:
+            rules += [Rule(f"{o}.attn.q_norm.weight", (f"{p}.attn.q_norm.weight",), (hd,)),
+                      Rule(f"{o}.attn.k_norm.weight", (f"{p}.attn.k_norm.weight",), (hd,))]  # fmt: skip
+    rules.append(Rule("norm.weight", ("transformer.norm.weight",), (d,)))
+    if not cfg.tie_embeddings:
+        rules.append(Rule("lm_head.weight", ("lm_head.weight",), (cfg.vocab_size,)))
+    return rules
+
+
 def to_hf_state(model, arch: str) -> dict[str, torch.Tensor]:
+    refuse_routing_bias(model, f"Hugging Face {arch}")
     sd = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for r in key_rules(model.cfg, arch):
@@ -147,10 +189,6 @@ def save_hf(model, path: str | os.PathLike, arch: str | None = None, dtype: torc
             tokenizer_dir: str | os.PathLike | None = None, mark: str | None = None) -> Path:
     """Write a directory that transformers' AutoModelForCausalLM loads (config.json + safetensors),
     with the tokenizer files of ``tokenizer_dir`` when given."""
-    from safetensors.torch import save_file
-
-    from effilm.io import atomic_dir
-
     cfg = model.cfg
     arch = arch or choose_architecture(cfg)
     hf_cfg = config_to_hf(cfg, arch)
@@ -158,11 +196,23 @@ def save_hf(model, path: str | os.PathLike, arch: str | None = None, dtype: torc
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
         hf_cfg["dtype"] = str(dtype).replace("torch.", "")
+    return write_model_dir(path, state, hf_cfg, "pt", tokenizer_dir, mark)
+
+
+def write_model_dir(path, state: dict[str, torch.Tensor], config: dict, weights_format: str,
+                    tokenizer_dir: str | os.PathLike | None = None, mark: str | None = None) -> Path:  # fmt: skip
+    """Atomically write a Hugging Face-style model directory: ``model.safetensors`` (its metadata
+    ``format`` = ``weights_format``), ``config.json``, ``generation_config.json`` with the config's
+    special token ids, and the tokenizer files of ``tokenizer_dir`` when given (HF and MLX exports)."""
+    from safetensors.torch import save_file
+
+    from effilm.io import atomic_dir
+
     path = Path(path)
     with atomic_dir(path, mark=mark) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_cfg.get(k) is not None}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": weights_format})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer_dir is not None:
             from effilm.data.tokenizer import copy_tokenizer_files

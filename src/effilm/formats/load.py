@@ -16,8 +16,8 @@ from effilm.formats.hf import load_hf
 
 def load(path: str | os.PathLike, device=None, dtype=None, verify: bool = True):
     """The model in the directory ``path``, in eval mode: an effilm checkpoint (checksums checked
-    unless ``verify=False``) or a Hugging Face Llama, Mistral, Phi-3, Mixtral, PhiMoE or Arctic
-    directory. ``device`` is a torch device (or name) to build on; ``dtype`` casts the weights."""
+    unless ``verify=False``) or a Hugging Face Llama, Mistral, Phi-3, Mixtral, PhiMoE, Arctic or
+    OpenELM directory. ``device`` is a torch device (or name) to build on; ``dtype`` casts the weights."""
     path = Path(path)
     _check_dir(path, CheckpointError)
     meta = read_config(path)

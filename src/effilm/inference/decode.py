@@ -9,7 +9,7 @@ as few operators as it can:
 * logits for the last position only (the prefill of a long prompt skips T-1 LM-head rows);
 * no routing statistics or auxiliary losses for MoE layers; for a decode step's few tokens on a
   CPU the chosen experts are read back to the host and only their weights are touched, each once
-  (int8 experts through their codes and row scales);
+  (quantized experts one chosen expert at a time, ``QuantWeight.linear``: fast or exact kernel);
 * fp32 RMSNorm as five small operators (a vector norm, then scale) instead of the library kernel,
   which on a CPU decomposes into more;
 * residual additions fused into the output projections (``addmm``);
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effilm.models.moe import Experts, MoE
-from effilm.models.quantized import int8_rows_linear
+from effilm.models.quantized import QuantExperts
 from effilm.models.transformer import MLP, Attention, Block, KVCache, RMSNorm, Transformer
 
 
@@ -57,8 +57,8 @@ def supports(model) -> bool:
 
 
 def _known_experts(experts: nn.Module) -> bool:
-    """Plain stacked expert weights, or int8 per-channel quantized ones (effilm.quant.quantize)."""
-    if getattr(experts, "int8_per_channel", False):
+    """Plain stacked expert weights, or quantized ones (effilm.models.quantized.QuantExperts)."""
+    if type(experts) is QuantExperts:
         return True
     return type(experts) is Experts and isinstance(experts.w_gate_up, nn.Parameter)
 
@@ -198,36 +198,35 @@ class DecodePlan:
 class _Experts:
     """One MoE layer's router and per-expert weight views, for a few tokens at a time on the CPU."""
 
-    __slots__ = ("moe", "router_w", "gate_up", "down_t", "F", "k", "logit_topk", "int8")
+    __slots__ = ("moe", "router_w", "gate_up", "down_t", "F", "k", "logit_topk", "quant")
 
     def __init__(self, moe: MoE):
         self.moe = moe
         ex = moe.experts
-        self.int8 = getattr(ex, "int8_per_channel", False)
-        if self.int8:  # per expert: int8 codes [rows, cols] and row scales [rows]
-            gu, d = ex.gate_up_q, ex.down_q
-            self.gate_up = list(zip(gu.q.unbind(0), gu.scales[..., 0].unbind(0)))
-            self.down_t = list(zip(d.q.unbind(0), d.scales[..., 0].unbind(0)))
-            self.F = d.q.shape[-1]
+        self.quant = type(ex) is QuantExperts
+        if self.quant:  # one expert's product: QuantWeight.linear(x, e), fast or exact by ex.kernel
+            self.gate_up, self.down_t = ex.gate_up_q, ex.down_q
+            self.F = ex.down_q.shape[-1]
         else:
             w_gu, w_d = ex.w_gate_up, ex.w_down
             self.gate_up = list(w_gu.unbind(0))  # views: [2F, D] per expert
             self.down_t = [w.t() for w in w_d.unbind(0)]  # [F, D] per expert
             self.F = w_d.shape[-1]
         self.k = moe.cfg.top_k
-        # renormalised softmax top-k == softmax over the top-k logits (softmax is monotonic)
+        # renormalised softmax top-k == softmax over the top-k logits (softmax is monotonic); a
+        # selection bias (loss-free balancing, upcycling) chooses on the scores instead: moe.route
         self.logit_topk = (moe.cfg.router != "sparsemixer" and moe.cfg.renormalize
-                           and type(moe.router) is nn.Linear)
+                           and type(moe.router) is nn.Linear and not hasattr(moe, "router_bias"))
         self.router_w = moe.router.weight.float() if self.logit_topk else None
 
     def _ffn(self, e: int, x: torch.Tensor, out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
         """Expert e's SwiGLU output for rows ``x``: returned unweighted, or with ``out`` given,
         added into it times ``alpha`` (fp32: fused into the down projection's addmm)."""
         F_ = self.F
-        if self.int8:
-            (q_gu, s_gu), (q_d, s_d) = self.gate_up[e], self.down_t[e]
-            h = int8_rows_linear(x, q_gu, s_gu)
-            y = int8_rows_linear(F.silu(h[:, :F_]).mul_(h[:, F_:]), q_d, s_d)
+        if self.quant:
+            fast = self.moe.experts.kernel == "fast"
+            h = self.gate_up.linear(x, e, fast)
+            y = self.down_t.linear(F.silu(h[:, :F_]).mul_(h[:, F_:]), e, fast)
             return y if out is None else out.add_(y, alpha=alpha)
         h = F.linear(x, self.gate_up[e])
         act = F.silu(h[:, :F_]).mul_(h[:, F_:])

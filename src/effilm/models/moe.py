@@ -64,18 +64,25 @@ def z_loss(stats: RoutingStats) -> torch.Tensor:
 
 def moe_losses(stats_list: list[RoutingStats], cfg: MoEConfig):
     """(aux_loss, z_loss, moe_loss) over MoE layers: the means over layers of each layer's
-    load-balancing and z-loss, and ``moe_loss = aux_loss_coef * aux + z_loss_coef * z``."""
+    load-balancing and z-loss, and ``moe_loss = aux_loss_coef * aux + z_loss_coef * z`` (the aux
+    term only under ``balance='aux_loss'``)."""
     aux = torch.stack(
         [load_balancing_loss(s.counts_E, s.prob_sum_E, s.n_tokens, s.top_k, cfg.aux_loss_convention) for s in stats_list]
     ).mean()
     z = torch.stack([z_loss(s) for s in stats_list]).mean()
-    return aux, z, cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+    return aux, z, cfg.trained_aux_coef * aux + cfg.z_loss_coef * z
 
 
 # ----- routing ------------------------------------------------------------------------------
-def route_softmax_topk(logits_TE: torch.Tensor, top_k: int, renormalize: bool):
+def route_softmax_topk(logits_TE: torch.Tensor, top_k: int, renormalize: bool, bias_E: torch.Tensor | None = None):
+    """Softmax scores, the top-k experts and their weights. ``bias_E`` (a selection bias) is added to
+    the scores only to choose the experts; the weights are the unbiased scores."""
     probs_TE = logits_TE.softmax(dim=-1)
-    topk_w_TK, topk_ids_TK = probs_TE.topk(top_k, dim=-1)
+    if bias_E is None:
+        topk_w_TK, topk_ids_TK = probs_TE.topk(top_k, dim=-1)
+    else:
+        topk_ids_TK = (probs_TE.detach() + bias_E.float()).topk(top_k, dim=-1).indices
+        topk_w_TK = probs_TE.gather(-1, topk_ids_TK)
     if renormalize:
         topk_w_TK = topk_w_TK / topk_w_TK.sum(dim=-1, keepdim=True)
     return topk_w_TK, topk_ids_TK, probs_TE
@@ -158,6 +165,8 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = nn.Linear(d_model, cfg.num_experts, bias=False)
+        if cfg.has_selection_bias:  # a buffer: saved and restored with the weights, never trained by the optimizer
+            self.register_buffer("router_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
         self.experts = Experts(d_model, cfg)
         self.impl = cfg.impl  # may be switched at run time (tests, benchmarks)
         # Set from outside (effilm.train.parallel) to replace the local expert computation, e.g. by an
@@ -172,7 +181,8 @@ class MoE(nn.Module):
         if self.cfg.router == "sparsemixer":
             topk_w_TK, topk_ids_TK, probs_TE = route_sparsemixer(logits_TE, self.cfg.router_jitter_eps)
         else:
-            topk_w_TK, topk_ids_TK, probs_TE = route_softmax_topk(logits_TE, self.cfg.top_k, self.cfg.renormalize)
+            bias_E = getattr(self, "router_bias", None)
+            topk_w_TK, topk_ids_TK, probs_TE = route_softmax_topk(logits_TE, self.cfg.top_k, self.cfg.renormalize, bias_E)
         return logits_TE, probs_TE, topk_w_TK, topk_ids_TK
 
     def mix(self, x_TD, topk_ids_TK, topk_w_TK, keep_TK=None) -> torch.Tensor:
@@ -213,3 +223,43 @@ class MoE(nn.Module):
             top_k=K,
         )
         return y_TD.reshape(shape), stats
+
+
+# ----- loss-free balancing ----------------------------------------------------------------------
+@torch.no_grad()
+def update_selection_biases(model: nn.Module, counts_LE: torch.Tensor, rate: float) -> None:
+    """Loss-free balancing's step: each MoE layer's selection bias moves by
+    ``rate * sign(mean load - load)``, from the global batch's routing counts ``counts_LE`` (one row
+    per MoE layer, in layer order, summed over micro-batches and ranks, so every rank moves alike)."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    if len(layers) != counts_LE.shape[0]:
+        raise ValueError(f"{counts_LE.shape[0]} rows of routing counts for {len(layers)} MoE layers")
+    for moe, counts_E in zip(layers, counts_LE, strict=True):
+        bias_E = moe.router_bias
+        c = counts_E.to(device=bias_E.device, dtype=torch.float32)
+        bias_E.add_(torch.sign(c.mean() - c), alpha=rate)
+
+
+def balance_summary(counts_LE: torch.Tensor) -> dict:
+    """Per MoE layer: the busiest expert's load over the mean load (1.0 = balanced) and the fraction
+    of experts below a quarter of the balanced share."""
+    c = counts_LE.float()
+    mean_L1 = c.mean(dim=1, keepdim=True).clamp_min(1e-12)
+    return {
+        "load_max_over_mean": [round(float(v), 4) for v in (c.max(dim=1).values / mean_L1[:, 0])],
+        "starved_frac": [round(float(v), 4) for v in (c < 0.25 * mean_L1).float().mean(dim=1)],
+    }
+
+
+# The selection bias upcycling uses to order exactly tied router scores (effilm.models.upcycle): no
+# larger than this, a bias changes the choice only where two experts' scores lie within it.
+TIE_BREAK = 1e-6
+
+
+def routing_bias_layers(model: nn.Module) -> list[int]:
+    """Indices (among the MoE layers) of the layers whose selection bias steers routing beyond tie
+    breaking (any entry larger than ``TIE_BREAK``): formats with no place for the bias (HF
+    Mixtral/PhiMoE/Arctic, GGUF) would route them differently."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    return [i for i, m in enumerate(layers) if hasattr(m, "router_bias") and float(m.router_bias.abs().max()) > TIE_BREAK]
+

@@ -316,7 +316,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Set every parameter: normal(0, init_std) for matrices and embeddings (output
-        projections scaled by 1/sqrt(2 * n_layers)), zeros for biases, ones for norm weights."""
+        projections scaled by 1/sqrt(2 * n_layers)), zeros for biases and routers' selection
+        biases, ones for norm weights."""
         from effilm.models.moe import Experts
 
         gen = None
@@ -339,6 +340,8 @@ class Transformer(nn.Module):
             elif isinstance(module, Experts):
                 module.w_gate_up.normal_(0.0, std, generator=gen)
                 module.w_down.normal_(0.0, out_std, generator=gen)
+            elif isinstance(module, MoE) and hasattr(module, "router_bias"):
+                module.router_bias.zero_()
         self.rotary.reset_buffers(self.embed.weight.device)
 
 

@@ -12,16 +12,17 @@ from pathlib import Path
 from effilm.errors import EffilmError
 
 
-def decode_tokens_per_s(model, *, context: int, batch: int, new_tokens: int = 32, repeats: int = 3) -> float:
+def decode_tokens_per_s(model, *, context: int, batch: int, new_tokens: int = 32, repeats: int = 3,
+                        quant_kernel: str = "fast") -> float:
     """Per-sequence decode tokens/s of effilm's engine: ``batch`` sequences with a prompt of
     ``context - new_tokens`` tokens, greedy, median of ``repeats`` (prefill excluded: the time to
-    the first token is subtracted)."""
+    the first token is subtracted). ``quant_kernel``: the kernel of quantized layers (the engine's)."""
     import torch
 
     from effilm.inference.engine import Engine
     from effilm.inference.sampling import SamplingParams
 
-    engine = Engine(model, None)
+    engine = Engine(model, None, quant_kernel=quant_kernel)
     new_tokens = max(2, min(new_tokens, context - 1))
     prompt_len = max(1, context - new_tokens)
     g = torch.Generator().manual_seed(0)
@@ -43,8 +44,10 @@ def decode_tokens_per_s(model, *, context: int, batch: int, new_tokens: int = 32
     return statistics.median(rates[1:] or rates)
 
 
-def measure_formats(model, *, context: int, batch: int, new_tokens: int = 32) -> dict[str, float]:
-    """Decode tokens/s per sequence for fp32 and for int8 / int4 (g32) weights quantized in memory."""
+def measure_formats(model, *, context: int, batch: int, new_tokens: int = 32,
+                    quant_kernel: str = "fast") -> dict[str, float]:
+    """Decode tokens/s per sequence for fp32 and for int8 / int4 (g32) weights quantized in memory,
+    the quantized layers on ``quant_kernel`` (the engine's default: the fast packed CPU kernels)."""
     import copy
 
     from effilm.config.quant import QuantConfig
@@ -53,7 +56,8 @@ def measure_formats(model, *, context: int, batch: int, new_tokens: int = 32) ->
     out = {"fp32": decode_tokens_per_s(copy.deepcopy(model), context=context, batch=batch, new_tokens=new_tokens)}
     for fmt, qcfg in (("int8", QuantConfig(bits=8)), ("int4-g32", QuantConfig(bits=4, group_size=32))):
         q, _ = quantize_model(copy.deepcopy(model), qcfg)
-        out[fmt] = decode_tokens_per_s(q, context=context, batch=batch, new_tokens=new_tokens)
+        out[fmt] = decode_tokens_per_s(q, context=context, batch=batch, new_tokens=new_tokens,
+                                       quant_kernel=quant_kernel)
     return out
 
 

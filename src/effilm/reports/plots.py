@@ -7,6 +7,8 @@
   dotted line marks the start of each data stage;
 - ``expert_load.png``: one panel per MoE layer, x = step, y = expert, colour = the expert's load
   relative to uniform (1.0 is perfect balance). A dense run gets no heatmap, and a note says so;
+- ``balance.png`` (MoE runs): per MoE layer over steps, the busiest expert's load over the mean
+  (1.0 = balanced) and the fraction of experts under a quarter of the balanced share;
 - ``train_stats.png``: one panel per logged training statistic among ``STATS`` (gradient norm,
   throughput, and for MoE runs the auxiliary loss, router z-loss and dropped-token fraction);
 - ``rewards.png`` (DPO runs): the implicit rewards of the chosen and rejected answers and their
@@ -233,10 +235,34 @@ def draw_expert_load(run: Run, loads: list[LayerLoad], path: Path, cfg: PlotConf
     return _save(fig, path, cfg)
 
 
+def draw_balance(run: Run, loads: list[LayerLoad], path: Path, cfg: PlotConfig) -> Path:
+    """Two panels, one line per MoE layer: max load / mean load, and the starved experts' fraction."""
+    import numpy as np
+
+    fig = _figure(1, 2, cfg)
+    left, right = fig.subplots(1, 2, squeeze=True, sharex=True)
+    stages = stage_starts(run.metrics)
+    for i, ll in enumerate(loads):
+        rel = np.asarray(ll.relative, dtype=float)  # [E, steps], 1.0 = the balanced share
+        left.plot(ll.steps, rel.max(axis=0), color=f"C{i % 10}", linewidth=1.2, label=f"layer {ll.layer}")
+        right.plot(ll.steps, (rel < 0.25).mean(axis=0), color=f"C{i % 10}", linewidth=1.2, label=f"layer {ll.layer}")
+    left.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    left.set_title("busiest expert's load / mean load (1.0 = balanced)", fontsize=10)
+    right.set_title("fraction of experts under 1/4 of the balanced share", fontsize=10)
+    right.set_ylim(-0.02, 1.02)
+    for ax in (left, right):
+        _mark_stages(ax, stages, by_tokens=False)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="best")
+    fig.suptitle(f"{run.label}: expert balance")
+    return _save(fig, path, cfg)
+
+
 def plot_run(
     run_dir: str | Path, out_dir: str | Path, cfg: PlotConfig | None = None, notes: list[str] | None = None
 ) -> list[Path]:
-    """Write ``loss.png``, for an MoE run ``expert_load.png``, ``train_stats.png`` when the run
+    """Write ``loss.png``, for an MoE run ``expert_load.png`` and ``balance.png``, ``train_stats.png`` when the run
     logged any of ``STATS`` and for a DPO run ``rewards.png``, into ``out_dir``; return the paths.
     Anything worth telling the user (a dense run has no heatmap, a truncated last line, superseded
     records after a resume) is appended to ``notes`` when given."""
@@ -252,6 +278,7 @@ def _plot_loaded(run: Run, out_dir: Path, cfg: PlotConfig, notes: list[str]) -> 
     loads = expert_loads(run.metrics)
     if loads:
         paths.append(draw_expert_load(run, loads, out_dir / "expert_load.png", cfg))
+        paths.append(draw_balance(run, loads, out_dir / "balance.png", cfg))
     else:
         notes.append(f"{run.label}: no expert_load records (a dense run?), so no expert-load heatmap")
     stats = {k: s for k in STATS if (s := train_series(run.metrics, k)).values}

@@ -61,6 +61,7 @@ class ServeConfig:
     header_timeout_s: float = field(default=10.0, metadata={"help": "a connection must send a request's complete headers within this many seconds of connecting (or of its previous response), else it is closed (slow clients hold no connection forever)"})
     body_timeout_s: float = field(default=30.0, metadata={"help": "once the headers are in, the whole request body must arrive within this many seconds, else the connection is closed"})
     max_connections: int = field(default=256, metadata={"help": "open connections at most; beyond that new requests get 503"})
+    quant_kernel: str = field(default="fast", metadata={"help": "kernel of a quantized model's layers: 'fast' (packed int8/int4 CPU kernels, bf16 activations, within bf16 rounding of 'exact') or 'exact' (the fp32 reference)"})
 
     def __post_init__(self):
         if not self.model:
@@ -76,6 +77,8 @@ class ServeConfig:
         for name in ("max_queue", "batch_wait_ms", "shutdown_timeout_s", "retry_after_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.quant_kernel not in ("fast", "exact"):
+            raise ConfigError(f"quant_kernel must be 'fast' or 'exact', got {self.quant_kernel!r}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
 
@@ -383,7 +386,7 @@ def serve(cfg: ServeConfig, engine=None, log=print) -> int:
         from effilm.device import resolve_device
         from effilm.inference.engine import Engine
 
-        engine = Engine.load(cfg.model, device=resolve_device(cfg.device))
+        engine = Engine.load(cfg.model, device=resolve_device(cfg.device), quant_kernel=cfg.quant_kernel)
     server = Server(engine, cfg, api_key)
     if not _is_loopback(cfg.host) and api_key is None:
         log(f"warning: listening on {cfg.host} without an API key; anyone who can reach it can use it "

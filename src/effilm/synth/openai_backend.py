@@ -229,6 +229,12 @@ class OpenAIBackend:
     async def run(self, jobs: list[Job]) -> list[dict]:
         """Records for ``jobs`` in order. Raises ``BudgetExhausted`` once the cap is hit; the
         replies already received are in the cache, so nothing paid for is lost."""
+        replies = await self.replies(jobs)
+        return [self.to_record(j, r) for j, r in zip(jobs, replies, strict=True)]
+
+    async def replies(self, jobs: list[Job]) -> list[dict]:
+        """The replies (``text``, ``finish_reason``, ``usage``) for ``jobs`` in order, from the
+        cache or the server (``effilm annotate`` parses them itself). Raises as :meth:`run`."""
         import httpx
 
         self.sem = asyncio.Semaphore(self.cfg.concurrency)
@@ -241,4 +247,4 @@ class OpenAIBackend:
         if failures:
             hard = [f for f in failures if not isinstance(f, BudgetExhausted)]
             raise (hard or failures)[0]
-        return [self.to_record(j, r) for j, (r, _cached) in zip(jobs, replies, strict=True)]
+        return [r for r, _cached in replies]

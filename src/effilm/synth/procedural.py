@@ -53,6 +53,9 @@ class ProceduralConfig:
     problems_per_record: int = field(default=3, metadata={"help": "computed problems in one record"})
     web_facts_per_record: int = field(default=2, metadata={"help": "facts buried in one web record"})
     web_noise_sentences: int = field(default=4, metadata={"help": "distractor sentences per web record"})
+    web_varied: bool = field(default=False, metadata={
+        "help": "vary web records' quality: each states 0..2x web_facts_per_record facts among 0..2x "
+                "web_noise_sentences distractors (seeded), so a learned quality filter has something to learn"})
     chat_records: int = field(default=0, metadata={"help": "chat conversations (SFT data) to write (0 for none)"})
     preference_records: int = field(default=0, metadata={"help": "preference pairs (DPO data) to write (0 for none)"})
     turns_per_chat: int = field(default=3, metadata={"help": "most question-and-answer turns in one conversation"})
@@ -144,15 +147,22 @@ _NOISE = [
 def web_record(index: int, *, seed: int, facts: list[F.Fact], cfg: ProceduralConfig) -> dict:
     """Web-like record ``index``: the same facts in loose prose, buried among distractor text."""
     rng = random.Random(f"web:{seed}:{index}")
-    chosen = rng.sample(facts, min(cfg.web_facts_per_record, len(facts)))
-    lines = [rng.choice(_NOISE).format(n=rng.randint(2, 99)) for _ in range(cfg.web_noise_sentences)]
+    n_facts, n_noise = cfg.web_facts_per_record, cfg.web_noise_sentences
+    if cfg.web_varied:  # its own stream, so the default records stay exactly as they were
+        vary = random.Random(f"web-quality:{seed}:{index}")
+        n_facts, n_noise = vary.randint(0, 2 * n_facts), vary.randint(0, 2 * n_noise)
+        if n_facts + n_noise == 0:
+            n_noise = 1
+    chosen = rng.sample(facts, min(n_facts, len(facts)))
+    lines = [rng.choice(_NOISE).format(n=rng.randint(2, 99)) for _ in range(n_noise)]
     for f in chosen:
         lines.insert(rng.randint(0, len(lines)), F.web_statement(rng, f))
     text = "\n".join(lines)
+    # what the generator knows, for the procedural annotator: facts stated and distractor lines
     return make_record(
         f"web-{seed}-{index:09d}", text, backend="procedural", model=None, prompt="procedural:web",
         topic="web", audience="web", style="web", kind="web", injected_words=[], seed=seed,
-        sampling={}, extra={"facts": [f.id for f in chosen]},
+        sampling={}, extra={"facts": [f.id for f in chosen], "noise_lines": n_noise},
     )
 
 

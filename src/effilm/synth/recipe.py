@@ -130,6 +130,8 @@ class Recipe:
         d.pop("records")  # counts only extend or shorten a run: record i is the same either way
         for k in ("records", "web_records"):
             d["procedural"].pop(k)
+        if not d["procedural"]["web_varied"]:  # added later: at its default, earlier runs keep their hash
+            d["procedural"].pop("web_varied")
         d["openai"] = {k: d["openai"][k] for k in ("base_url", "model", "endpoint")}
         d["local"].pop("batch_size")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

@@ -266,3 +266,15 @@ def read_records(path: str | Path):
     for f in files:
         for _, rec in iter_jsonl(f):
             yield rec
+
+
+def print_run_result(result: dict, dry_run: bool) -> int:
+    """Print a teacher run's result (``effilm synth``, ``effilm annotate``) as the CLI shows it and
+    return its exit status: 0 when complete (or a dry run), 3 when requests are still outstanding."""
+    if dry_run:
+        print("dry run (nothing sent, nothing written):")
+        for k, v in result.items():
+            print(f"  {k:22s} {v}")
+        return 0
+    print(json.dumps(result, indent=2))
+    return 0 if result.get("complete") else 3

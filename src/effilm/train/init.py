@@ -9,7 +9,9 @@ Here the run is completed against DIR before anything is built:
   start as an average token rather than as noise. A smaller model vocabulary than DIR's is an
   error (the config reader refuses it).
 
-The weights are copied in at step 0 only; ``--resume`` then restores the run's own checkpoint.
+With ``[model.upcycle]`` the dense source's weights are upcycled into the MoE architecture first
+(:mod:`effilm.models.upcycle`). The weights are copied in at step 0 only; ``--resume`` then
+restores the run's own checkpoint.
 """
 
 from __future__ import annotations
@@ -47,13 +49,21 @@ def load_initial_weights(model, cfg: RunConfig) -> None:
 
     src = cfg.model.init_from
     try:
-        state = model_state(load(src))
+        source = load(src)
     except EffilmError as exc:
         raise EffilmError(f"model.init_from={src!r}: cannot load it ({exc})") from None
+    state = model_state(source)
+    if cfg.model.upcycle is not None:  # dense -> MoE, the same function at step 0 (effilm.models.upcycle)
+        from effilm.models.upcycle import upcycle_state
+
+        state = upcycle_state(state, source.cfg, cfg.model, cfg.model.upcycle)
     vocab = cfg.model.vocab_size
     for key in ("embed.weight", "lm_head.weight", "lm_head.bias"):
         t = state.get(key)
         if t is not None and t.shape[0] < vocab:
             extra = t.float().mean(0, keepdim=True).to(t.dtype).expand(vocab - t.shape[0], *t.shape[1:])
             state[key] = torch.cat([t, extra])
+    for key, t in model.state_dict().items():  # loss-free balancing from a checkpoint trained without it
+        if key.endswith(".router_bias") and key not in state:
+            state[key] = torch.zeros_like(t, device="cpu")
     load_state_checked(model, state, f"model.init_from={src}")

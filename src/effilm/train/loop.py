@@ -216,7 +216,8 @@ class StepOutcome:
 # ----- one optimizer step ------------------------------------------------------------------------------
 def train_step(tr: Trainer, pos: Position) -> StepOutcome:
     """Micro-batches through the objective (gradient accumulation), the step's loss over the
-    global batch, the NaN policy, clipping and the optimizer step. Advances ``pos``."""
+    global batch, the NaN policy, clipping and the optimizer step, then (loss-free balancing) the
+    routers' selection biases from the global batch's expert loads. Advances ``pos``."""
     from effilm.train.metrics import step_routing_stats
 
     dist = tr.dist
@@ -250,6 +251,11 @@ def train_step(tr: Trainer, pos: Position) -> StepOutcome:
     pos.step += 1
     pos.tokens += tr.tokens_per_step
     routing = step_routing_stats(per_micro, tr.cfg.model.moe, reduce) if per_micro else None
+    moe = tr.cfg.model.moe
+    if finite and routing is not None and moe.balance == "loss_free":
+        from effilm.models.moe import update_selection_biases
+
+        update_selection_biases(tr.model, routing["counts"], moe.bias_update_rate)
     return StepOutcome(step_loss if finite else float("nan"), grad_norm, lr, stage, routing, extras)
 
 

@@ -3,9 +3,12 @@
 ``RUN_DIR/metrics.jsonl`` holds one JSON object per line (``effilm plot`` reads it):
 
 * ``{"kind": "train", "step", "tokens", "stage", "loss", "lr", "grad_norm", "tok_per_s",
-  "aux_loss", "z_loss", "dropped_frac", "expert_load", "moe_layers", "active_flops",
+  "aux_loss", "z_loss", "dropped_frac", "expert_load", "load_max_over_mean", "starved_frac",
+  "moe_layers", "active_flops",
   "elapsed_s"}``: one per logging step, averaged over the steps since the previous record.
-  ``expert_load`` is, per MoE layer, each expert's fraction of the window's assignments.
+  ``expert_load`` is, per MoE layer, each expert's fraction of the window's assignments;
+  ``load_max_over_mean`` (1.0 = balanced) and ``starved_frac`` (the fraction of experts under a
+  quarter of the balanced share) summarise it per layer.
   DPO runs add ``rewards_chosen``, ``rewards_rejected``, ``rewards_margin`` and
   ``rewards_accuracy`` (global-batch means, averaged over the window).
 * ``{"kind": "val", "step", "tokens", "val_loss": {source: loss}}``;
@@ -121,15 +124,20 @@ class Window:
             "z_loss": None,
             "dropped_frac": None,
             "expert_load": None,
+            "load_max_over_mean": None,
+            "starved_frac": None,
         }
         rec.update({k: _num(v / n) for k, v in self.extras.items()})
         if self.counts is not None:
+            from effilm.models.moe import balance_summary
+
             load = self.counts / self.counts.sum(dim=1, keepdim=True).clamp_min(1)
             rec.update(
                 aux_loss=_num(self.aux / n),
                 z_loss=_num(self.z / n),
                 dropped_frac=self.dropped / max(self.assignments, 1.0),
                 expert_load=[[round(float(v), 6) for v in row] for row in load],
+                **balance_summary(self.counts),
             )
         return rec
 

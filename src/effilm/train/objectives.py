@@ -115,6 +115,9 @@ def moe_penalty(model, routing: list, ctx: StepContext, z_scale: float):
     if not routing:
         return 0.0
     m = model_config(model).moe
+    z = torch.stack([s.z_sum for s in routing]).mean()
+    if not m.trained_aux_coef:  # loss-free balancing (or no Switch loss): no counts to share
+        return m.z_loss_coef * z * z_scale
     counts = torch.stack([s.counts_E for s in routing])  # [L, E]
     if ctx.reduce_counts is not None:
         counts = ctx.reduce_counts(counts)  # routing counts of this micro-batch over all ranks
@@ -125,8 +128,7 @@ def moe_penalty(model, routing: list, ctx: StepContext, z_scale: float):
         load_balancing_loss(c, s.prob_sum_E * ctx.world_size, n_global_micro, s.top_k, m.aux_loss_convention)
         for c, s in zip(counts, routing, strict=True)
     ]).mean()  # fmt: skip
-    z = torch.stack([s.z_sum for s in routing]).mean()
-    return m.aux_loss_coef * ctx.share * aux + m.z_loss_coef * z * z_scale
+    return m.trained_aux_coef * ctx.share * aux + m.z_loss_coef * z * z_scale
 
 
 class SupervisedFineTuning(LanguageModeling):
