@@ -90,7 +90,8 @@ def test_openai_scores_retries_unscored_and_resumes_from_the_cache(server, tmp_p
     assert [r["score"] for r in recs] == [3, 0, None, 1]
     bad = recs[2]["annotation"]
     assert bad["unscored"] == "no score in the reply" and bad["attempts"] == 3 and bad["reply"] == "I cannot tell."
-    assert "<<<\nGOOD GOOD GOOD\n>>>" in server.log[0]["prompt"]
+    # the document stands between the rubric's markers (requests run concurrently: any order)
+    assert sum("<<<\nGOOD GOOD GOOD\n>>>" in e["prompt"] for e in server.log) == 1
     (tmp_path / "o" / "shard-00001.jsonl").unlink()
     again = annotate([corpus], tmp_path / "o", _openai(server, score_retries=2))
     assert again["skipped_shards"] == 1 and again["usage"]["cache_hits"] == 4 and len(server.log) == 6
