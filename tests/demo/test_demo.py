@@ -385,8 +385,8 @@ def test_notes_report_either_way():
     three["evaluate"]["arctic-loss-free"] = {**three["evaluate"]["arctic-textbook"], "bits_per_byte": {"heldout_textbook": 1.5}}
     three["train"]["arctic-loss-free"] = three["train"]["arctic-textbook"]
     note = {n["topic"]: n for n in build_notes(three, 2.0, 0.5)}["moe_vs_dense"]
-    assert note["shows"] and "Switch loss 1.720; loss-free balancing 1.500" in note["text"]
-    assert "The best, loss-free balancing, is ahead of dense by 0.200" in note["text"]
+    assert note["shows"] and "Switch loss 1.7200; loss-free balancing 1.5000" in note["text"]
+    assert "The best, loss-free balancing, is ahead of dense by 0.2000" in note["text"]
     assert not down["cloze_vs_chance"]["shows"] and "not met" in down["cloze_vs_chance"]["text"]
     below = _fake_summary(0.8, 0.3, 0.95)
     below["evaluate"]["arctic-textbook"]["letter"]["acc"] = 0.05  # far below chance is not "learned letters"

@@ -74,14 +74,14 @@ def build_notes(summary: dict, z: float, cloze_target: float) -> list[dict]:
     ar, ta = ev[best], tr[best]
     d, se, sig = _diff(ar["cloze"], de["cloze"], z)
     bpb_a, bpb_d = ar["bits_per_byte"]["heldout_textbook"], de["bits_per_byte"]["heldout_textbook"]
-    arms = "; ".join(f"{MOE_LABELS.get(m, m)} {ev[m]['bits_per_byte']['heldout_textbook']:.3f}" for m in moe)
+    arms = "; ".join(f"{MOE_LABELS.get(m, m)} {ev[m]['bits_per_byte']['heldout_textbook']:.4f}" for m in moe)
     cost = ta.get("cpu_s_total", ta["cpu_s"]) / max(td["cpu_s"], 1e-9)
     note("moe_vs_dense", bpb_a < bpb_d,
          f"At equal active parameters ({ta['active_params']:,} vs {td['active_params']:,}) and equal tokens, Arctic "
          f"hybrids with {ta['total_params']:,} parameters in total ({ta['total_params'] / td['total_params']:.1f}x the "
-         f"dense model) reach held-out textbook bits per byte of {arms}, against the dense model's {bpb_d:.3f} "
+         f"dense model) reach held-out textbook bits per byte of {arms}, against the dense model's {bpb_d:.4f} "
          f"(lower is better). The best, {MOE_LABELS.get(best, best)}, is "
-         f"{'ahead of' if bpb_a < bpb_d else 'behind'} dense by {abs(bpb_d - bpb_a):.3f} ("
+         f"{'ahead of' if bpb_a < bpb_d else 'behind'} dense by {abs(bpb_d - bpb_a):.4f} ("
          f"{'lower is better: MoE ahead' if bpb_a < bpb_d else 'lower is better: dense ahead'}); on the quiz it "
          f"{'beat' if d > 0 and sig else 'did worse than' if sig else 'did not clearly differ from'} the dense model "
          f"(cloze {_pct(ar['cloze']['acc'])} vs {_pct(de['cloze']['acc'])}), at {cost:.2f}x its CPU time. One seed "
