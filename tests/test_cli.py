@@ -86,6 +86,7 @@ def _config_classes():
     from effilm.eval.decontam import DecontamConfig
     from effilm.eval.scoring import EvalConfig
     from effilm.eval.tasks import TaskConfig
+    from effilm.eval.twins import TwinEvalConfig
     from effilm.formats.convert import ConvertConfig
     from effilm.inference.sampling import SamplingParams
     from effilm.reports.plots import PlotConfig
@@ -93,6 +94,7 @@ def _config_classes():
     from effilm.synth.annotate import AnnotateConfig
     from effilm.synth.recipe import Recipe
     from effilm.synth.runner import SynthOptions
+    from effilm.synth.twins import TwinConfig
 
     return {
         ("presets",): [], ("params",): [], ("plan",): [], ("convert",): [ConvertConfig], ("demo",): [DemoConfig],
@@ -102,7 +104,8 @@ def _config_classes():
         ("decontam",): [DecontamConfig, TaskConfig], ("train",): [RunConfig], ("plot",): [PlotConfig],
         ("generate",): [SamplingParams], ("serve",): [ServeConfig], ("quantize",): [QuantConfig],
         ("annotate",): [AnnotateConfig], ("classifier",): [], ("classifier", "train"): [ClassifierConfig],
-        ("upcycle",): [UpcycleConfig],
+        ("upcycle",): [UpcycleConfig], ("twin",): [], ("twin", "make"): [TwinConfig],
+        ("twin", "eval"): [TwinEvalConfig, EvalConfig],
     }  # fmt: skip
 
 

@@ -61,7 +61,7 @@ def test_quick_summary_structure_and_timings(quick):
     assert s["timings"]["train"]["cpu_s"] > 0 and s["timings"]["total"]["cpu_s"] >= s["timings"]["train"]["cpu_s"]
     assert set(s["train"]) == set(s["evaluate"]) == set(MODEL_NAMES)
     assert {n["topic"] for n in s["notes"]} >= {"cloze_vs_chance", "textbook_vs_web", "filtered_web", "moe_vs_dense",
-                                                  "letter_scoring", "decontamination", "scale"}
+                                                  "letter_scoring", "decontamination", "twins", "scale"}
     assert "== what this shows ==" in stdout
     assert set(s["costs"]) == {"arctic", "phi-3-mini-4k", "openelm-270m"}
 
@@ -73,7 +73,9 @@ def test_quick_data_stats_match_the_files(quick):
         recs = _jsonl(st["path"])
         assert len(recs) == st["documents"] and sum(len(r["text"]) for r in recs) == st["chars"], name
     quiz = _jsonl(syn["quiz"]["path"])
-    assert len(quiz) == syn["quiz"]["items"] == syn["facts"]["count"]
+    # the public quiz asks part of the taught facts, the private twins the rest
+    assert len(quiz) == syn["quiz"]["items"] and len(quiz) + syn["twins"]["items"] == syn["facts"]["count"]
+    assert Path(syn["twins"]["dir"], "public.jsonl").read_text() == Path(syn["quiz"]["path"]).read_text()
     assert syn["quiz"]["chance"] == 1 / len(quiz[0]["choices"])
     for name, c in s["clean"]["corpora"].items():
         assert len(_jsonl(s["clean"]["paths"][name])) == c["output_documents"] <= c["input_documents"]
@@ -99,6 +101,31 @@ def test_quick_planted_leaks_found_exactly(quick):
     # the matched fraction alone finds the planted items and confirms template-mates too (recorded)
     without = pl["without_distinguishing_words"]
     assert not without["missed"] and without["false_positives"] and not without["exact"]
+
+
+def test_quick_twins_stage(quick):
+    """The deliberately contaminated model really read the public quiz items, is labelled so, and every
+    compared model has both accuracies, a gap inside its interval and its n-gram figure."""
+    out, _, s = quick
+    tw = s["twins"]
+    assert set(tw["models"]) == {"dense-web", "dense-textbook", "dense-contaminated"}
+    assert [m for m, v in tw["models"].items() if v["label"] != "clean"] == ["dense-contaminated"]
+    leak = Path(tw["leak"]["path"]).read_text(encoding="utf-8")
+    quiz = _jsonl(s["synthesize"]["quiz"]["path"])
+    assert all(q["question"] in leak for q in quiz) and tw["leak"]["ngram_found"] == len(quiz)
+    run = json.loads(Path(tw["contaminated_run"]["config"]).read_text())
+    assert run["model"]["init_from"] == s["train"]["dense-web"]["final_dir"]
+    assert set(run["data"]["stages"][0]["mixture"]) == {"web", "quiz_leak"} and tw["contaminated_run"]["tokens"] > 0
+    twins = _jsonl(Path(tw["dir"]) / "twins.jsonl")
+    for name, m in tw["models"].items():
+        g = m["gaps"]["acc"]
+        assert g["n_public"] == len(quiz) and g["n_twins"] == len(twins), name
+        assert g["ci"][0] <= g["gap"] <= g["ci"][1] and m["flagged"] == (g["ci"][0] > 0 or g["ci"][1] < 0), name
+        rep = json.loads(Path(m["report"]).read_text())
+        assert [t["name"] for t in rep["tasks"]] == ["public", "twins"] and rep["gaps"]["acc"] == g
+    assert tw["models"]["dense-contaminated"]["ngram_contaminated"] == len(quiz)
+    assert tw["models"]["dense-textbook"]["ngram_contaminated"] == 0
+    assert (out / "plots" / "twins.png").is_file() and "Private twins" in (out / "report.md").read_text()
 
 
 def test_quick_models_equal_budgets_and_active_params(quick):
@@ -363,6 +390,29 @@ def _fake_summary(tb: float, web: float, ar: float, se: float = 0.04, filtered: 
             "score_cutoff": 3.4, "kept": group, "dropped": {"facts_per_document": 1.6, "noise_lines_per_document": 4.7},
             "classifier": {"f1": 0.9, "threshold": 3.0, "split": {"test": 200}}}
     return s
+
+
+def test_twin_note_either_way():
+    from effilm.demo.notes import _twin_note
+
+    def model(label, public, twin, lo, hi):
+        return {"label": label, "flagged": lo > 0 or hi < 0, "ngram_contaminated": 40 if label != "clean" else 0,
+                "gaps": {"acc": {"public_acc": public, "twin_acc": twin, "gap": public - twin, "ci": [lo, hi]}}}
+
+    def notes(tb_ci):
+        tw = {"bootstrap": {"confidence": 0.95}, "leak": {"share": 0.1}, "contaminated_run": {"tokens": 1000},
+              "models": {"dense-web": model("clean", 0.4, 0.38, -0.1, 0.14),
+                         "dense-textbook": model("clean", 0.9, 0.85, *tb_ci),
+                         "dense-contaminated": model("deliberately contaminated", 0.95, 0.4, 0.4, 0.7)}}
+        out = []
+        _twin_note(lambda topic, shows, text: out.append({"topic": topic, "shows": shows, "text": text}), tw)
+        return out[0]
+
+    good = notes((-0.05, 0.15))
+    assert good["shows"] and "tells the contaminated model from the clean ones" in good["text"]
+    assert "+55.0 points (95% CI [+40.0, +70.0]): flagged" in good["text"] and "dense-web, also clean" in good["text"]
+    bad = notes((0.01, 0.1))
+    assert not bad["shows"] and "does NOT separate" in bad["text"]
 
 
 def test_notes_report_either_way():

@@ -415,3 +415,266 @@ def test_fast_steps_run_int8_models(name):
     params = SamplingParams(max_new_tokens=10)
     assert [c.token_ids for c in fast.generate(prompts, params)] == [c.token_ids for c in plain.generate(prompts, params)]
     assert_steps_match_forward(model, prompts[0], (3, 4), tol=1e-4, check_prefill=False)
+
+
+# ----- shared prompt prefixes ----------------------------------------------------------------
+PREFIX = "the cat sat on a mat while river stone bright garden number seven equals sum of two and five "
+SUFFIXES = ["apple", "water light story lesson small large", "red", "blue green house tree fast slow", "a"]
+
+
+def _spy_shared(engine):
+    """Record, per decode step, whether the step attended to a shared prefix."""
+    seen = []
+    decode = engine._decode
+
+    def spy(tokens, cache, positions, mask, plan=None, shared=None):
+        seen.append(shared is not None)
+        return decode(tokens, cache, positions, mask, plan, shared)
+
+    engine._decode = spy
+    return seen
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe", "tiny-arctic", "tiny-openelm"])
+def test_shared_prefix_gives_the_tokens_of_a_whole_prefill(name, tok):
+    """A prefix common to the batch runs once, and decode steps attend to it once for all rows;
+    with padding (suffixes of different lengths), stop strings, per-row limits (rows finishing at
+    different times, the batch compacted) the tokens and texts are those of an engine that shares
+    nothing."""
+    model = tiny(name, **LIVELY)
+    prompts = [PREFIX + s for s in SUFFIXES]
+    ids = [tok.encode(p) for p in prompts]
+    n = min(len(i) for i in ids)
+    shared = next(k for k in range(n) if len({tuple(i[:k + 1]) for i in ids}) > 1)
+    assert shared >= 16 and len({len(i) for i in ids}) > 2  # a long common prefix, padded rows
+    plain = Engine(model, tok, share_prefix=False)
+    free = plain.generate(prompts, SamplingParams(max_new_tokens=16))
+    text = free[1].text
+    stop = next(text[i:i + 3] for i in range(4, len(text) - 3) if text[i:i + 3].strip())
+    params = [SamplingParams(max_new_tokens=m, stop=("zzzz-never", stop)) for m in (16, 16, 3, 9, 12)]
+    sharing = Engine(model, tok)
+    used = _spy_shared(sharing)
+    plain.prefilled_tokens = 0
+    want, got = plain.generate(prompts, params), sharing.generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [(c.text, c.finish_reason) for c in got] == [(c.text, c.finish_reason) for c in want]
+    assert got[1].finish_reason == "stop" and len(got[1].token_ids) < 16  # the stop string cut row 1
+    assert len({len(c.token_ids) for c in got}) > 2  # rows finished at different steps
+    P = max(len(i) for i in ids)
+    # only real tokens run (no padding): a row's slots after the shared prefix, or its whole prompt
+    assert plain.prefilled_tokens == sum(len(i) for i in ids)
+    assert sharing.prefilled_tokens == shared + sum(min(len(i), P - shared) for i in ids)
+    assert used and all(used)  # every decode step attended to the prefix once
+
+
+def test_shared_prefix_on_the_model_forward_and_with_sliding_windows(tok):
+    prompts = [PREFIX + s for s in SUFFIXES[:4]]
+    params = SamplingParams(max_new_tokens=10)
+    for over, cascade in (({}, False), ({"sliding_window": 6}, False), ({"sliding_window": 400}, True)):
+        model = tiny("tiny-dense", **LIVELY, **over)
+        for fast in (False, True):
+            want = Engine(model, tok, fast=fast, share_prefix=False).generate(prompts, params)
+            engine = Engine(model, tok, fast=fast)
+            used = _spy_shared(engine)
+            assert [c.token_ids for c in engine.generate(prompts, params)] == [c.token_ids for c in want], (over, fast)
+            # the forward path and windows that could cut into the prefix share the prefill only
+            assert all(used) == (fast and (cascade or not over)), (over, fast)
+
+
+def test_prefix_cache_reuses_the_last_prompt_across_calls(tok):
+    """``prefix_cache``: one-prompt calls and later batches reuse the kept prompt's keys and values
+    (only what follows the common part runs), with the tokens of an engine that keeps nothing."""
+    model = tiny("tiny-dense", **LIVELY)
+    prompts = [PREFIX + s for s in SUFFIXES]
+    params = SamplingParams(max_new_tokens=8)
+    plain = Engine(model, tok, share_prefix=False)
+    want = [plain.generate([p], params)[0].token_ids for p in prompts]
+    cached = Engine(model, tok, prefix_cache=True)
+    runs = []
+    for p in prompts:
+        before = cached.prefilled_tokens
+        runs.append(cached.generate([p], params)[0].token_ids)
+        runs_prefill = cached.prefilled_tokens - before
+        assert runs_prefill < len(tok.encode(p)) or len(runs) == 1, p  # only the first call runs it all
+    assert runs == want
+    shared = len(tok.encode(PREFIX)) - 1
+    cached.prefilled_tokens = 0
+    got = cached.generate_batches(prompts, params, batch_size=2)
+    assert [c.token_ids for c in got] == want
+    lens = [len(tok.encode(p)) for p in prompts]
+    assert cached.prefilled_tokens == sum(min(lens[i], max(lens[j] for j in b) - shared)
+                                          for b in ([1, 3], [0, 2]) for i in b) + (lens[4] - shared)
+    cached.clear_prefix_cache()
+    cached.prefilled_tokens = 0
+    assert cached.generate([prompts[0]], params)[0].token_ids == want[0]
+    assert cached.prefilled_tokens == len(tok.encode(prompts[0]))
+    assert not Engine(model, tok)._prefix  # off by default: nothing is kept
+
+
+def test_longrope_shares_prefixes_only_within_its_original_context(tok):
+    model = tiny("tiny-dense", **LIVELY, rope_type="longrope", rope_original_max_seq_len=16,
+                 rope_short_factor=[1.1] * 16, rope_long_factor=[4.0] * 16)
+    params = SamplingParams(max_new_tokens=6)
+    for prompts in ([[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7, 8, 9, 10, 13]],  # within 16 positions: shared
+                    [list(range(5, 25)), list(range(5, 22)) + [30]]):  # past them: the frequencies change
+        engine, plain = Engine(model, None), Engine(model, None, share_prefix=False)
+        engine.shared_min = 4
+        assert [c.token_ids for c in engine.generate(prompts, params)] == \
+            [c.token_ids for c in plain.generate(prompts, params)]
+        assert (engine.prefilled_tokens < plain.prefilled_tokens) == (len(prompts[0]) <= 16)
+
+
+def test_generate_batches_keeps_prompt_order_and_per_row_params(dense_engine):
+    prompts = [PREFIX + s for s in SUFFIXES] + ["a"]
+    params = [SamplingParams(max_new_tokens=6 + i, temperature=0.8 if i % 2 else 0.0, seed=i) for i in range(6)]
+    alone = [dense_engine.generate([p], [q])[0] for p, q in zip(prompts, params)]
+    got = dense_engine.generate_batches(prompts, params, batch_size=4)  # longest first: rows regrouped
+    assert [c.token_ids for c in got] == [c.token_ids for c in alone]
+    assert [c.prompt_tokens for c in got] == [len(dense_engine.encode(p)) for p in prompts]
+    with pytest.raises(EffilmError, match="batch_size"):
+        dense_engine.generate_batches(prompts, params[0], batch_size=0)
+    with pytest.raises(EffilmError, match="list of 6"):
+        dense_engine.generate_batches(prompts, params[:2])
+
+
+def test_projections_on_onednn_equal_the_plain_products():
+    """The larger fp32 products of several rows run on oneDNN (the rest on MKL): the values of
+    F.linear / addmm up to float rounding, with or without a bias and the fused residual add."""
+    from effilm.inference import decode
+
+    if decode.onednn_linear() is None:
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    torch.manual_seed(0)
+    for bias in (False, True):
+        lin = torch.nn.Linear(256, 512, bias=bias)
+        proj = decode._Proj(lin)
+        assert proj.dnn is not None and proj.dnn_rows == max(decode.ONEDNN_MIN_ROWS, decode.ONEDNN_MIN_MACS // (256 * 512))
+        for rows in (1, proj.dnn_rows - 1, proj.dnn_rows, proj.dnn_rows + 7):
+            x, res = torch.randn(rows, 256), torch.randn(rows, 512)
+            with torch.inference_mode():
+                torch.testing.assert_close(proj(x), lin(x), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(proj.add_to(res, x), res + lin(x), atol=1e-5, rtol=1e-5)
+    assert decode._Proj(torch.nn.Linear(8, 8).to(torch.bfloat16)).dnn is None  # fp32 only
+
+
+@pytest.mark.parametrize("name, over", [("tiny-dense", {}), ("tiny-moe", {}), ("tiny-dense", {"sliding_window": 5})])
+def test_prefill_continues_from_the_cache_length(name, over):
+    """decode.prefill after k cached positions (the engine's shared prefix) gives the logits and
+    cache of one whole prefill, left-padded rows included."""
+    from effilm.inference.decode import prefill
+
+    model = tiny(name, **LIVELY, **over)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (3, 14), generator=g)
+    mask = torch.ones(3, 20, dtype=torch.bool)
+    mask[1, :2] = mask[2, :5] = False  # rows 1 and 2 left-padded
+    pos = (mask[:, :14].long().cumsum(1) - 1).clamp(min=0)
+    whole, parts = model.new_cache(3, 20), model.new_cache(3, 20)
+    with torch.inference_mode():
+        ref = prefill(model, ids, whole, pos, mask)
+        prefill(model, ids[:, :8], parts, pos[:, :8], mask)
+        got = prefill(model, ids[:, 8:], parts, pos[:, 8:], mask)
+        forward = model(ids, positions=pos, attention_mask=mask[:, :14]).logits[:, -1]
+    assert parts.length == whole.length == 14
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref, forward, atol=1e-5, rtol=1e-5)
+    real = mask[:, None, :14]  # padding slots hold keys no real query reads
+    for a, b in zip(parts.k + parts.v, whole.k + whole.v):
+        torch.testing.assert_close(a[:, :, :14][real.expand(-1, a.shape[1], -1)],
+                                   b[:, :, :14][real.expand(-1, b.shape[1], -1)], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, over", [("tiny-dense", {}), ("tiny-moe", {}), ("tiny-arctic", {}),
+                                        ("tiny-dense", {"sliding_window": 5})])
+def test_packed_prefill_skips_the_padding(name, over):
+    """decode.prefill_packed runs a left-padded batch's real tokens only (packed, each row attending
+    to its own slots), from slot 0 or after cached slots: the logits and real cache slots of the
+    padded prefill."""
+    from effilm.inference.decode import prefill, prefill_packed
+
+    model = tiny(name, **LIVELY, **over)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (3, 14), generator=g)
+    first = [0, 2, 11]  # row 2 has three real tokens, all after slot 8
+    mask = torch.zeros(3, 20, dtype=torch.bool)
+    for b, f in enumerate(first):
+        mask[b, f:14] = True
+    pos = (mask[:, :14].long().cumsum(1) - 1).clamp(min=0)
+    real = mask[:, None, :14]
+    with torch.inference_mode():
+        whole = model.new_cache(3, 20)
+        ref = prefill(model, ids, whole, pos, mask)
+        for split in (0, 8):  # 8: slots [0, 8) cached first (the engine's shared prefix), rows 0, 1 continue
+            packed = model.new_cache(3, 20)
+            if split:
+                prefill(model, ids[:, :split], packed, pos[:, :split], mask)
+            got = prefill_packed(model, ids[:, split:], packed, first)
+            assert packed.length == 14
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            for a, b in zip(packed.k + packed.v, whole.k + whole.v):
+                sel = real.expand(-1, a.shape[1], -1)
+                torch.testing.assert_close(a[:, :, :14][sel], b[:, :, :14][sel], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_as_bmm_equals_sdpa():
+    """A fp32 CPU decode step attends with bmm (``_attend_rows``): the logits of the
+    scaled_dot_product_attention path, with padding and with a sliding window."""
+    from effilm.inference.decode import DecodePlan, decode_step, prefill
+
+    for over in ({}, {"sliding_window": 6}):
+        model = tiny("tiny-dense", **LIVELY, **over)
+        ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones(2, 14, dtype=torch.bool)
+        mask[1, :3] = False
+        pos = (mask[:, :9].long().cumsum(1) - 1).clamp(min=0)
+        out = {}
+        for bmm in (True, False):
+            plan = DecodePlan(model)
+            assert plan.bmm_attention
+            plan.bmm_attention = bmm
+            cache = model.new_cache(2, 14)
+            with torch.inference_mode():
+                prefill(model, ids, cache, pos, mask, plan)
+                out[bmm] = [decode_step(model, torch.tensor([5 + s, 7 + s]), cache, pos[:, -1:] + 1 + s, mask, plan)
+                            for s in range(4)]
+        for a, b in zip(out[True], out[False]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_weights_and_the_kept_plan(tok):
+    """On the CPU the engine's plan holds oneDNN's blocked copies of the fp32 linear weights (the
+    products of the plain weights, bit for bit) and is kept across calls until a weight changes."""
+    from effilm.inference import decode
+
+    if decode.onednn_linear() is None:
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 512)
+    plain, packed = decode._Proj(lin), decode._Proj(lin, pack=True)
+    assert packed.dnn_w is not lin.weight and packed.dnn_rows <= plain.dnn_rows
+    for rows in (packed.dnn_rows, 8, 33):
+        x, res = torch.randn(rows, 256), torch.randn(rows, 512)
+        with torch.inference_mode():
+            torch.testing.assert_close(packed(x), lin(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(packed.add_to(res, x), res + lin(x), atol=1e-5, rtol=1e-5)
+            if rows >= plain.dnn_rows:
+                assert torch.equal(packed(x), plain(x))
+    model = tiny("tiny-dense", **LIVELY)
+    engine = Engine(model, tok)
+    params = SamplingParams(max_new_tokens=6)
+    first = engine.generate(PROMPTS, params)
+    plan = engine._plan_cache
+    assert plan is not None and plan.packed
+    assert [c.token_ids for c in Engine(model, tok, fast=False).generate(PROMPTS, params)] == \
+        [c.token_ids for c in first]
+    engine.generate(PROMPTS[:2], params)
+    assert engine._plan_cache is plan  # the same weights: the plan is kept
+    with torch.no_grad():
+        model.layers[0].mlp.down.weight.mul_(3.0)  # an in-place change bumps the version
+    changed = engine.generate(PROMPTS, params)
+    assert engine._plan_cache is not plan
+    assert [c.token_ids for c in changed] == [c.token_ids for c in Engine(model, tok, fast=False).generate(PROMPTS, params)]
+    engine.pack_bytes = 0
+    engine.clear_prefix_cache()
+    engine.generate(PROMPTS[:1], params)
+    assert not engine._plan_cache.packed

@@ -80,6 +80,89 @@ def register(sub) -> None:
     add_arguments(d, DecontamConfig, group_title="index and confirmation")
     add_arguments(d, TaskConfig, group_title="benchmark files")
     d.set_defaults(func=cmd_decontam)
+    register_twin(sub)
+
+
+def register_twin(sub) -> None:
+    from effilm.eval.scoring import EvalConfig
+    from effilm.eval.twins import TwinEvalConfig
+    from effilm.synth.twins import TwinConfig
+
+    t = sub.add_parser("twin", help="private twin benchmarks: public-versus-twin score gaps",
+                       description="Private twin benchmarks: fresh items of the same templates as a public benchmark "
+                       "effilm generates (the procedural quiz, arithmetic word problems), which no corpus can "
+                       "contain. A model that saw the public items, or was fitted to them, scores higher on them "
+                       "than on their twins.")
+    tsub = t.add_subparsers(dest="twin_command", metavar="SUBCOMMAND")
+    m = tsub.add_parser(
+        "make", help="write a public benchmark, its twins and few-shot examples",
+        description="Write OUT/public.jsonl, OUT/twins.jsonl, OUT/dev.jsonl and OUT/twins.json (the generator's "
+        "settings and seeds, each file's sha256). --kind quiz: the procedural quiz's facts split relation by "
+        "relation; the public quiz asks --public-share of them (synthesize the corpus with "
+        "--procedural.quiz-public-share set alike, and the same --num-facts and --seed), the twins ask the "
+        "held-back facts, which the corpus teaches too, in the same phrasings with fresh distractors. --kind "
+        "math: GSM8K-format word problems; each twin is its public problem's template with new names and "
+        "numbers.")
+    m.add_argument("--out", required=True, help="directory to write")
+    m.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command at --out")
+    add_arguments(m, TwinConfig)
+    m.set_defaults(func=cmd_twin_make)
+    e = tsub.add_parser(
+        "eval", help="score a model on the public items and the twins; report the gap",
+        description="Score MODEL on DIR's public set and its twins (quiz: MMLU-format, --scoring letter or "
+        "cloze; math: gsm8k, strict-match and flexible-extract), then report both accuracies, their gap "
+        "(public - twins) and a percentile-bootstrap confidence interval of it. A gap whose interval excludes "
+        "0 is flagged: a possible leak of the public items, or a fit to them.")
+    e.add_argument("model", metavar="MODEL", help="effilm checkpoint or HF model directory")
+    e.add_argument("twins", metavar="DIR", help="an 'effilm twin make' directory")
+    e.add_argument("--output", "-o", required=True, metavar="R.json", help="where to write the report")
+    e.add_argument("--no-contamination-check", action="store_true",
+                   help="skip the default n-gram check of an effilm-trained model's training data")
+    e.add_argument("--device", default="auto", help="torch device for the model: auto (cuda when present), cpu, cuda:0...")
+    add_arguments(e, TwinEvalConfig, group_title="gap")
+    add_arguments(e, EvalConfig, group_title="scoring")
+    e.set_defaults(func=cmd_twin_eval)
+    t.set_defaults(func=lambda a: (t.print_help(), 2)[1])
+
+
+def cmd_twin_make(args) -> int:
+    from effilm.outputs import claim_dir
+    from effilm.synth.twins import COMMAND, TwinConfig, make_twins
+
+    cfg = from_args(TwinConfig, args)
+    claim_dir(args.out, COMMAND, overwrite=args.overwrite)
+    spec = make_twins(cfg, args.out)
+    f = spec["files"]
+    print(f"wrote {args.out}: {f['public']['items']} public items, {f['twins']['items']} twins, "
+          f"{f['dev']['items']} few-shot examples ({cfg.kind}, seed {cfg.seed}, twin seed {cfg.twin_seed})")
+    if not f["dev"]["items"]:
+        print("  the corpora teach every fact of the tables, so none is left for few-shot examples: evaluate with "
+              "--shots 0")
+    return 0
+
+
+def cmd_twin_eval(args) -> int:
+    from effilm.device import resolve_device
+    from effilm.eval.report import format_table
+    from effilm.eval.scoring import EvalConfig
+    from effilm.eval.twins import TwinEvalConfig, evaluate_twins, format_gaps, read_spec, twin_tasks
+    from effilm.formats.load import load_model_and_tokenizer
+    from effilm.io import atomic_write_json
+    from effilm.outputs import claim_file
+
+    claim_file(args.output, inputs=[args.model, args.twins], what="--output")
+    cfg = from_args(EvalConfig, args)
+    tcfg = from_args(TwinEvalConfig, args)
+    spec = read_spec(args.twins)  # before loading the model: a bad directory fails fast
+    corpus_report, check = _contamination(args, twin_tasks(args.twins, spec))
+    model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device))
+    report = evaluate_twins(model, tokenizer, args.twins, cfg, tcfg, model_path=args.model,
+                            corpus_report=corpus_report, contamination_check=check)
+    atomic_write_json(args.output, report)
+    print(format_table(report))
+    print(format_gaps(report))
+    print(f"report: {args.output}")
+    return 0
 
 
 def _read_json(path: str) -> dict:
@@ -92,6 +175,19 @@ def _read_json(path: str) -> dict:
     if not isinstance(report, dict):
         raise EffilmError(f"{path}: not a JSON report (expected an object)")
     return report
+
+
+def _contamination(args, tasks) -> tuple[dict | None, dict]:
+    """The corpus report beside the scores and how it was obtained: ``--corpus-report`` (eval only),
+    none with ``--no-contamination-check``, else the default check of the model's training data."""
+    if getattr(args, "corpus_report", None):
+        return _read_json(args.corpus_report), {"status": "from --corpus-report",
+                                                "line": f"contamination: from {args.corpus_report}"}
+    if args.no_contamination_check:
+        return None, {"status": "skipped", "line": "contamination: not checked (--no-contamination-check)"}
+    from effilm.eval.provenance import check_training_data
+
+    return check_training_data(args.model, tasks)
 
 
 def cmd_eval(args) -> int:
@@ -111,15 +207,7 @@ def cmd_eval(args) -> int:
     tasks = [load_task(spec, tcfg) for spec in args.task]
     if any(t.kind == "code" for t in tasks):
         require_permission(code_cfg)  # before any work
-    if args.corpus_report:
-        corpus_report = _read_json(args.corpus_report)
-        check = {"status": "from --corpus-report", "line": f"contamination: from {args.corpus_report}"}
-    elif args.no_contamination_check:
-        corpus_report, check = None, {"status": "skipped", "line": "contamination: not checked (--no-contamination-check)"}
-    else:
-        from effilm.eval.provenance import check_training_data
-
-        corpus_report, check = check_training_data(args.model, tasks)
+    corpus_report, check = _contamination(args, tasks)
     model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device))
     report = run_evaluation(model, tokenizer, tasks, cfg, corpus_report=corpus_report, model_path=args.model,
                             contamination_check=check, code_cfg=code_cfg)

@@ -31,7 +31,7 @@ MOE_RUNS = {"arctic-textbook": "aux_loss", "arctic-loss-free": "loss_free", "arc
 POSTTRAIN_LABELS = {"base": "base (textbook model)", "sft": "SFT", "dpo": "SFT + DPO"}
 # `effilm demo --quick`: the fields the CI setting changes
 QUICK = dict(num_facts=40, textbook_records=300, web_records=400, heldout_records=10, annotate_records=200,
-             train_tokens=32_768,
+             train_tokens=32_768, contaminated_tokens=8_192,
              vocab_size=512, warmup_steps=4, log_every=4, val_sequences=2, chat_records=300, preference_records=300,
              sft_tokens=32_768, dpo_tokens=8_192)
 
@@ -47,6 +47,13 @@ class DemoConfig:
                                                              "distractor lines; false: 2 among 4 in every record)"})
     heldout_records: int = field(default=60, metadata={"help": "held-out records per corpus for bits per byte"})
     quiz_questions_per_fact: int = field(default=1, metadata={"help": "quiz items per fact (held-out phrasings)"})
+    quiz_public_share: float = field(default=0.5, metadata={"help": "share of the taught facts the public quiz asks; "
+                                                                    "the private twins ask the rest"})
+    twin_seed: int = field(default=1, metadata={"help": "seed of the twins' phrasings and distractors"})
+    contaminated_tokens: int = field(default=163_840, metadata={"help": "dense-contaminated: tokens dense-web is "
+                                                                        "trained on further, with the leaked quiz"})
+    contaminated_leak_share: float = field(default=0.25, metadata={"help": "dense-contaminated: share of those "
+                                                                          "tokens drawn from the leaked quiz items"})
     planted_leaks: int = field(default=5, metadata={"help": "quiz items planted in a copy of the corpus"})
     # --- the learned quality filter (dense-filtered's data)
     annotate_records: int = field(default=1000, metadata={"help": "web-like records generated apart from the corpus, "
@@ -97,7 +104,7 @@ class DemoConfig:
         for name in ("num_facts", "textbook_records", "web_records", "heldout_records", "quiz_questions_per_fact",
                      "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "num_experts", "seq_len",
                      "global_batch", "train_tokens", "val_sequences", "log_every", "threads", "eval_batch_size",
-                     "annotate_records", "filter_examples",
+                     "annotate_records", "filter_examples", "contaminated_tokens",
                      "chat_records", "preference_records", "sft_tokens", "dpo_tokens", "chat_max_new_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -121,8 +128,16 @@ class DemoConfig:
             raise ConfigError(f"demo.filter_keep_fraction={self.filter_keep_fraction} must lie in (0, 1)")
         if not 0.0 < self.web_stage_fraction < 1.0:
             raise ConfigError(f"demo.web_stage_fraction={self.web_stage_fraction} must lie in (0, 1)")
-        if self.planted_leaks > self.num_facts * self.quiz_questions_per_fact:
-            raise ConfigError(f"demo.planted_leaks={self.planted_leaks} exceeds the quiz size")
+        if not 0.0 < self.quiz_public_share < 1.0:
+            raise ConfigError(f"demo.quiz_public_share={self.quiz_public_share} must lie in (0, 1): the twins ask "
+                              "the facts the public quiz leaves out")
+        if not 0.0 < self.contaminated_leak_share < 1.0:
+            raise ConfigError(f"demo.contaminated_leak_share={self.contaminated_leak_share} must lie in (0, 1)")
+        if self.twin_seed < 0 or isinstance(self.twin_seed, bool):
+            raise ConfigError(f"demo.twin_seed={self.twin_seed!r} must be an integer >= 0")
+        if self.planted_leaks > self.num_facts * self.quiz_questions_per_fact * self.quiz_public_share:
+            raise ConfigError(f"demo.planted_leaks={self.planted_leaks} exceeds the public quiz's size (about "
+                              f"num_facts x quiz_questions_per_fact x quiz_public_share)")
         if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ConfigError("demo.d_model must divide by n_heads, and n_heads by n_kv_heads")
         if self.lr <= 0 or self.warmup_steps < 0:
@@ -198,6 +213,27 @@ class DemoConfig:
         if kind == "dpo":
             d["dpo"] = {"beta": self.dpo_beta, "loss": self.dpo_loss, "reference": "precomputed"}
         return d
+
+    def contaminated_run_dict(self, out_dir: str, init_from: str, sources: dict[str, str]) -> dict:
+        """The run config of ``dense-contaminated``: the model at ``init_from`` (dense-web) trained on for
+        ``contaminated_tokens`` on ``sources["web"]`` mixed with the leaked quiz (``sources["quiz_leak"]``, the
+        whole of it trained on: no validation split)."""
+        steps = max(1, -(-self.contaminated_tokens // self.tokens_per_step))
+        leak = next(k for k in sources if k != "web")
+        return {
+            "out_dir": out_dir,
+            "model": {"init_from": init_from},
+            "data": {"seq_len": self.seq_len, "seed": self.seed,
+                     "sources": [{"name": "web", "path": sources["web"], "val_sequences": self.val_sequences},
+                                 {"name": leak, "path": sources[leak], "val_sequences": 0}],
+                     "stages": [{"name": "leak", "tokens": steps * self.tokens_per_step,
+                                 "mixture": {"web": 1.0 - self.contaminated_leak_share,
+                                             leak: self.contaminated_leak_share}}]},
+            "optim": {"lr": self.lr, "warmup_steps": min(self.warmup_steps, max(1, steps // 10))},
+            "train": {"global_batch": self.global_batch, "micro_batch": self.global_batch, "seed": self.seed,
+                      "device": "cpu", "log_every": max(1, min(self.log_every, steps // 8)), "eval_every": 0,
+                      "save_every": 0, "keep_last": 1, "threads": self.threads},
+        }
 
     @property
     def train_steps(self) -> int:

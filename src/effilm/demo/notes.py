@@ -117,6 +117,9 @@ def build_notes(summary: dict, z: float, cloze_target: float) -> list[dict]:
          f"{sum(c['decontam']['after_cleaning']['contaminated'] for c in summary['clean']['corpora'].values())} quiz "
          "items after cleaning, so the quiz scores are not memorised test items.")
 
+    if summary.get("twins"):
+        _twin_note(note, summary["twins"])
+
     pt = summary.get("posttrain")
     if pt:
         _posttrain_notes(note, pt, chance, n_items, z)
@@ -128,6 +131,34 @@ def build_notes(summary: dict, z: float, cloze_target: float) -> list[dict]:
          "and transfer of the question form, not general knowledge or reasoning. One seed per run: the spread across "
          "seeds is measured by the slow test (three seeds), not by this run.")
     return notes
+
+
+def _twin_note(note, tw: dict) -> None:
+    """Whether the public-versus-twin gap flags the deliberately contaminated model and not the clean
+    textbook one."""
+    models = tw["models"]
+    bad = next(n for n, m in models.items() if m["label"] != "clean")
+    conf = f"{round(100 * tw['bootstrap']['confidence'])}% CI"
+
+    def gap(n: str) -> str:
+        a = models[n]["gaps"]["acc"]
+        return (f"{_pct(a['public_acc'])} on the public items and {_pct(a['twin_acc'])} on the twins, a gap of "
+                f"{100 * a['gap']:+.1f} points ({conf} [{100 * a['ci'][0]:+.1f}, {100 * a['ci'][1]:+.1f}]): "
+                f"{'flagged' if models[n]['flagged'] else 'not flagged'}")
+
+    clean = [n for n, m in models.items() if m["label"] == "clean"]
+    caught = models[bad]["flagged"] and not models["dense-textbook"]["flagged"]
+    others = [n for n in clean if n != "dense-textbook"]
+    note("twins", caught,
+         f"Private twins: {bad}, trained with the public quiz items in {_pct(tw['leak']['share'])} of its last "
+         f"{tw['contaminated_run']['tokens']:,} tokens (deliberately contaminated), scores {gap(bad)}. The clean "
+         f"textbook model scores {gap('dense-textbook')}"
+         + "".join(f"; {n}, also clean, {gap(n)}" for n in others) + ". "
+         + ("The gap tells the contaminated model from the clean ones without reading any corpus; "
+            if caught else "So on this seed the gap does NOT separate the contaminated model from the clean textbook "
+            "one; ")
+         + f"n-gram decontamination also finds this leak ({models[bad]['ngram_contaminated']} items) because it is "
+         "verbatim, but a paraphrased leak, or tuning to the benchmark's style, would show only in the gap.")
 
 
 def between(f: float, w: float, t: float) -> str:

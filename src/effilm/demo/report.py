@@ -43,7 +43,42 @@ def _plots(summary: dict, plot_dir: Path) -> dict[str, Path]:
     for kind, run in ((summary.get("posttrain") or {}).get("runs") or {}).items():
         for p in plot_run(run["run_dir"], plot_dir / kind):
             out[f"{kind}/{p.stem}"] = p
+    tw = summary.get("twins")
+    if tw:
+        from effilm.reports.plots import draw_twin_gaps
+
+        rows = [{"label": f"{n} ({m['label']})", "flagged": m["flagged"], **m["gaps"]["acc"]} for n, m in tw["models"].items()]
+        out["twins"] = draw_twin_gaps(rows, plot_dir / "twins.png", tw["bootstrap"]["confidence"])
     return out
+
+
+def _twin_blocks(tw: dict, plots: dict[str, Path]) -> list:
+    g, leak, run = tw["spec"]["generator"], tw["leak"], tw["contaminated_run"]
+    conf = round(100 * tw["bootstrap"]["confidence"])
+    rows = []
+    for n, m in tw["models"].items():
+        a = m["gaps"]["acc"]
+        rows.append([n, m["label"], _pct(a["public_acc"]), _pct(a["twin_acc"]), f"{100 * a['gap']:+.1f} points",
+                     f"[{100 * a['ci'][0]:+.1f}, {100 * a['ci'][1]:+.1f}]", "**yes**" if m["flagged"] else "no",
+                     f"{m['ngram_contaminated']}/{a['n_public']}"])
+    blocks = [
+        "**Private twins.** n-gram decontamination sees verbatim leaks only. The quiz asks "
+        f"{round(100 * g['public_share'])}% of the taught facts; the twins ask the other {a['n_twins']} (taught "
+        "alike by the corpora) in the quiz's own phrasings, with fresh distractors (`effilm twin make`, seed "
+        f"{g['seed']}, twin seed {g['twin_seed']}). A model that learned the facts scores the same on both; one that "
+        "saw the public items scores higher on them. `dense-contaminated` is deliberately contaminated: dense-web "
+        f"trained on for {run['tokens']:,} more tokens, {_pct(leak['share'])} of them drawn from the {leak['items']} "
+        f"public items with their answers ({leak['documents']} documents, {leak['tokens']:,} tokens).",
+        {"table": {"headers": ["model", "data", "public (cloze)", "twins (cloze)", "gap", f"{conf}% CI", "flagged",
+                               "public items in its corpora (n-gram)"], "rows": rows,
+                   "caption": f"Zero-shot cloze accuracy; the interval is a percentile bootstrap "
+                              f"({tw['bootstrap']['resamples']:,} resamples) of the gap. A gap whose interval excludes "
+                              "0 is flagged."}},
+    ]
+    if "twins" in plots:
+        blocks.append({"image": {"path": str(plots["twins"]), "caption": "Public and twin accuracy per model, and "
+                                                                         "the gap with its interval."}})
+    return blocks
 
 
 def _posttrain_section(pt: dict, plots: dict[str, Path], chance: float) -> dict:
@@ -254,6 +289,8 @@ def build_report(summary: dict, plots: dict[str, Path]) -> dict:
     if "dense-filtered" in ev and "quality_filter" in cl:
         sections[-1]["blocks"] += _filter_blocks(cl["quality_filter"], tr, ev)
     sections[-1]["blocks"] += _moe_blocks(tr, ev)
+    if summary.get("twins"):
+        sections[-1]["blocks"] += _twin_blocks(summary["twins"], plots)
 
     pt = summary.get("posttrain")
     if pt:

@@ -22,13 +22,18 @@ Stages (each prints its progress and its wall and CPU time):
    upcycled partway, the dense tokens counted in its budget);
 5. **evaluate**: quiz accuracy by letter and cloze scoring against chance, bits per byte on the
    held-out text, and the contamination status of each model's training data beside its scores;
-6. **posttrain**: the textbook model fine-tuned with SFT on chat conversations about its facts,
+6. **twins** (:mod:`effilm.demo.twins`): the public quiz asks ``quiz_public_share`` of the taught
+   facts and the private twins (``data/twins``, written by ``effilm.synth.twins``) the rest, in the
+   same phrasings; ``dense-contaminated`` (dense-web trained on further with the public quiz items
+   leaked into its text, labelled deliberately contaminated) and the clean dense-web and
+   dense-textbook are scored on both, and each public-twin gap gets a bootstrap interval;
+7. **posttrain**: the textbook model fine-tuned with SFT on chat conversations about its facts,
    then with DPO on preference pairs (right answer vs a plausible wrong one); base, SFT and
    SFT+DPO asked the quiz as free-form chat questions (exact match) and by letter scoring, and the
    SFT+DPO model served by ``effilm serve`` answering two quiz questions through the ``openai`` client;
-7. **ship**: the best model quantized to int8 and int4 (RTN, and GPTQ in the full demo) with the
+8. **ship**: the best model quantized to int8 and int4 (RTN, and GPTQ in the full demo) with the
    quality delta, exported to HF and GGUF, and answering quiz questions greedy and sampled;
-8. **report**: ``DIR/report.html`` (self-contained) and ``DIR/report.md`` with the plots.
+9. **report**: ``DIR/report.html`` (self-contained) and ``DIR/report.md`` with the plots.
 
 ``DIR/summary.json`` (schema version ``SCHEMA_VERSION``)::
 
@@ -41,7 +46,8 @@ Stages (each prints its progress and its wall and CPU time):
                      "posttrain": {chat|preferences: {"path", "records"}},
                      "facts": {"count", "by_relation"}, "textbook_domains": [str],
                      "corpora": {name: {"path", "documents", "chars", "words"}},
-                     "quiz": {"path", "items", "subjects", "choices", "chance"}},
+                     "quiz": {"path", "items", "subjects", "choices", "chance", "public_share"},
+                     "twins": {"dir", "spec" (twins.json), "items"}},
       "clean": {"corpora": {textbook|web: {"input_documents", "dedup": {...}, "filters": {...},
                                            "decontam": {"items", "checked", "contaminated", "contaminated_ids",
                                                         "rejected_candidates", "documents_with_candidates",
@@ -77,6 +83,12 @@ Stages (each prints its progress and its wall and CPU time):
                            "predicted_letters": {letter: count}, "bits_per_byte": {heldout_textbook, heldout_web},
                            "contamination": {"contaminated", "items", "contaminated_ids", "clean_acc"},
                            "reports": {scoring: eval report path}}},
+      "twins": {"dir", "spec", "scoring", "bootstrap": {"resamples", "confidence", "seed"},
+                "leak": {"path", "documents", "tokens", "items", "share", "ngram_found"},
+                "contaminated_run": {train summary as above, "config", "init_from"},
+                "models": {dense-web|dense-textbook|dense-contaminated: {"label": "clean" | "deliberately contaminated",
+                           "model_dir", "gaps": {acc|acc_norm: effilm.eval.twins.bootstrap_gap(...)}, "flagged",
+                           "ngram_contaminated", "report"}}},
       "posttrain": {"from": model, "data": {chat|preferences: {"path", "source", "records", "tokens",
                                                                "contaminated", "contaminated_ids"}},
                     "runs": {sft|dpo: {"run_dir", "config", "final_dir", "init_from", "steps", "tokens",
@@ -115,7 +127,7 @@ from effilm.demo.extras import REPORT_MODULES, SHIP_MODULES, missing_modules
 from effilm.io import atomic_write_json
 
 SCHEMA_VERSION = 1
-STAGES = ("synthesize", "clean", "tokenize", "train", "evaluate", "posttrain", "ship", "report")
+STAGES = ("synthesize", "clean", "tokenize", "train", "evaluate", "twins", "posttrain", "ship", "report")
 
 
 @contextmanager
@@ -179,6 +191,7 @@ def run_pipeline(cfg: DemoConfig, out_dir: Path, quick: bool = False) -> dict:
     from effilm.demo.posttrain import posttrain
     from effilm.demo.stages import clean, synthesize, tokenize
     from effilm.demo.train import evaluate_models, train_models
+    from effilm.demo.twins import twins_stage
 
     out_dir = Path(os.path.abspath(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -215,6 +228,8 @@ def run_pipeline(cfg: DemoConfig, out_dir: Path, quick: bool = False) -> dict:
         summary["train"] = train_models(cfg, t, out_dir / "runs")
     with stage("evaluate", timings):
         summary["evaluate"] = evaluate_models(cfg, s, c, summary["train"], out_dir / "eval")
+    with stage("twins", timings):
+        summary["twins"] = twins_stage(cfg, summary, out_dir / "twins")
     with stage("posttrain", timings):
         summary["posttrain"] = posttrain(cfg, summary, out_dir / "posttrain")
     summary["notes"] = build_notes(summary, cfg.significance_z, cfg.cloze_target)

@@ -48,6 +48,7 @@ def quiz_spec(path: Path) -> str:
 def synthesize(cfg: DemoConfig, out: Path) -> dict:
     """Textbook corpus (facts + Q&A exercises), web-like corpus, held-out text and the quiz."""
     from effilm.synth import procedural as P
+    from effilm.synth.twins import TwinConfig, make_twins
 
     pcfg = P.ProceduralConfig(num_facts=cfg.num_facts, records=cfg.textbook_records, web_records=cfg.web_records,
                               domains=["facts"], web_varied=cfg.web_varied)
@@ -63,8 +64,12 @@ def synthesize(cfg: DemoConfig, out: Path) -> dict:
     # the quality classifier's training slice: web records after the held-out ones, never in the corpus it filters
     write_jsonl(paths["annotate_web"], P.generate_web_corpus(cfg.annotate_records, cfg.num_facts, cfg.seed,
                                                              start=n_web + n_held, cfg=pcfg))
-    quiz = P.generate_quiz(cfg.num_facts, cfg.seed, cfg.quiz_questions_per_fact)
+    quiz = P.generate_quiz(cfg.num_facts, cfg.seed, cfg.quiz_questions_per_fact, cfg.quiz_public_share)
     write_jsonl(paths["quiz"], quiz)
+    # the private twins: the taught facts the public quiz leaves out, in its phrasings (effilm twin make)
+    twin_cfg = TwinConfig(kind="quiz", seed=cfg.seed, twin_seed=cfg.twin_seed, num_facts=cfg.num_facts,
+                          public_share=cfg.quiz_public_share, questions_per_fact=cfg.quiz_questions_per_fact)
+    twin_spec = make_twins(twin_cfg, out / "twins")
     # post-training data: chat turns and preference pairs about the same facts, in exercise and chat phrasings
     posttrain = {"chat": out / "chat.jsonl", "preferences": out / "preferences.jsonl"}
     n_chat = write_jsonl(posttrain["chat"], P.generate_chat(cfg.chat_records, cfg.num_facts, cfg.seed, cfg=pcfg))
@@ -80,7 +85,9 @@ def synthesize(cfg: DemoConfig, out: Path) -> dict:
         "textbook_domains": pcfg.domains,
         "corpora": stats,
         "quiz": {"path": str(paths["quiz"]), "items": len(quiz), "subjects": dict(Counter(q["subject"] for q in quiz)),
-                 "choices": len(quiz[0]["choices"]), "chance": 1.0 / len(quiz[0]["choices"])},
+                 "choices": len(quiz[0]["choices"]), "chance": 1.0 / len(quiz[0]["choices"]),
+                 "public_share": cfg.quiz_public_share},
+        "twins": {"dir": str(out / "twins"), "spec": twin_spec, "items": twin_spec["files"]["twins"]["items"]},
     }
 
 

@@ -127,7 +127,7 @@ def evaluate_models(cfg: DemoConfig, synth: dict, cleaned: dict, trained: dict, 
     for name, tr in trained.items():
         runs = [tr] + ([trained[tr["upcycled_from"]["run"]]] if tr.get("upcycled_from") else [])
         used = sorted({src for r in runs for st in r["stages"] for src in st["mixture"]})
-        corpus_report = _contamination(cleaned, used)
+        corpus_report = corpus_contamination(cleaned, used)
         model, tokenizer = load_model_and_tokenizer(tr["final_dir"])
         entry: dict = {"trained_on": used, "chance": chance}
         for scoring in ("letter", "cloze"):
@@ -152,7 +152,7 @@ def evaluate_models(cfg: DemoConfig, synth: dict, cleaned: dict, trained: dict, 
     return results
 
 
-def _contamination(cleaned: dict, corpora: list[str]) -> dict:
+def corpus_contamination(cleaned: dict, corpora: list[str]) -> dict:
     """The quiz's contamination in the cleaned corpora one model trained on (union over corpora;
     the filtered web corpus is a subset of the cleaned web one, so it counts as that)."""
     ids: list[str] = []

@@ -93,23 +93,18 @@ def chat_item(rec: dict, src: str, bad) -> ChatItem | None:
 
 
 def score_chat(model, tokenizer, items: list[ChatItem], *, batch_size: int, max_new_tokens: int) -> list[dict]:
-    """Greedy answers for every item, in batches, and one record per item: the output, the
-    references and whether they match."""
-    from effilm.inference.engine import Engine
+    """Greedy answers for every item, in batches of ``batch_size`` (longest prompt first; a shared
+    system prompt or few-shot turns run once: :func:`effilm.inference.engine.eval_engine`), and one
+    record per item, in the items' order: the output, the references and whether they match."""
+    from effilm.inference.engine import eval_engine
     from effilm.inference.sampling import SamplingParams
 
     if not getattr(tokenizer, "chat_template", None):
         raise EffilmError("chat tasks need a tokenizer with a chat template; this model's tokenizer has none")
-    engine = Engine(model, tokenizer, cpu_layout=False, quant_kernel="exact")  # scores: the exact reference
+    engine = eval_engine(model, tokenizer)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     prompts = [engine.chat_prompt(it.messages) for it in items]
-    records = []
-    for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
-        outs = engine.generate(prompts[start:start + batch_size], params)
-        for it, out in zip(batch, outs, strict=True):
-            records.append({"id": it.uid, "subject": it.subject, "source": it.source,
-                            "question": it.question, "output": out.text,
-                            "finish_reason": out.finish_reason, "answers": it.answers,
-                            "correct": exact_match(out.text, it.answers)})
-    return records
+    outs = engine.generate_batches(prompts, params, batch_size)
+    return [{"id": it.uid, "subject": it.subject, "source": it.source, "question": it.question, "output": out.text,
+             "finish_reason": out.finish_reason, "answers": it.answers, "correct": exact_match(out.text, it.answers)}
+            for it, out in zip(items, outs, strict=True)]

@@ -160,26 +160,27 @@ def generate_completions(model, tokenizer, items: list[CodeItem], cfg: CodeConfi
                          max_length: int = 0, seed: int = 1234) -> list[list[dict]]:
     """``cfg.samples`` completions per item, batched on the engine: ``[[{"completion",
     "finish_reason"}, ...], ...]``. Each sampled row has its own seed (from ``seed``, the item and
-    the sample), so the completions do not depend on the batch size."""
-    from effilm.inference.engine import Engine
+    the sample), so the completions do not depend on the batch size. Batches of ``batch_size``
+    rows are formed longest prompt first; an item's samples (the same prompt) share their prefill
+    (:func:`effilm.inference.engine.eval_engine`)."""
+    from effilm.inference.engine import eval_engine
     from effilm.inference.sampling import SamplingParams
 
-    engine = Engine(model, tokenizer, cpu_layout=False, quant_kernel="exact")  # scores: the exact reference
+    engine = eval_engine(model, tokenizer)
     room = (max_length or engine.max_context) - cfg.max_code_tokens
     if room < 1:
         raise EffilmError(f"code: max_code_tokens={cfg.max_code_tokens} leaves no room for a prompt in a context "
                           f"of {max_length or engine.max_context} tokens")
     ids = [engine.encode(it.prompt)[-room:] for it in items]  # cut from the left, as the harness does
     jobs = [(i, j) for i in range(len(items)) for j in range(cfg.samples)]
+    params = [SamplingParams(max_new_tokens=cfg.max_code_tokens, temperature=float(cfg.temperature),
+                             top_p=float(cfg.top_p) if cfg.temperature else 1.0, stop=STOP,
+                             seed=None if cfg.temperature == 0 else (seed * 1_000_003 + i * cfg.samples + j) % 2**62)
+              for i, j in jobs]
+    comps = engine.generate_batches([ids[i] for i, _ in jobs], params, batch_size)
     out: list[list[dict]] = [[] for _ in items]
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start:start + batch_size]
-        params = [SamplingParams(max_new_tokens=cfg.max_code_tokens, temperature=float(cfg.temperature),
-                                 top_p=float(cfg.top_p) if cfg.temperature else 1.0, stop=STOP,
-                                 seed=None if cfg.temperature == 0 else (seed * 1_000_003 + i * cfg.samples + j) % 2**62)
-                  for i, j in batch]
-        for (i, _), comp in zip(batch, engine.generate([ids[i] for i, _ in batch], params), strict=True):
-            out[i].append({"completion": comp.text, "finish_reason": comp.finish_reason})
+    for (i, _), comp in zip(jobs, comps, strict=True):
+        out[i].append({"completion": comp.text, "finish_reason": comp.finish_reason})
     return out
 
 

@@ -87,16 +87,20 @@ def prompt(item: MathItem, shots: list[MathItem]) -> str:
 
 def score_gsm8k(model, tokenizer, items: list[MathItem], dev: list[MathItem], *, shots: int, batch_size: int,
                 max_gen_toks: int, max_length: int = 0) -> list[dict]:
-    """Greedy answers in batches on the engine; one record per item with the output, each
-    filter's extraction and whether it matches (``correct``: strict-match, ``correct_norm``:
-    flexible-extract, the two metrics' keys in :func:`effilm.eval.report.aggregate`)."""
-    from effilm.inference.engine import Engine
+    """Greedy answers in batches on the engine; one record per item (in the items' order) with the
+    output, each filter's extraction and whether it matches (``correct``: strict-match,
+    ``correct_norm``: flexible-extract, the two metrics' keys in :func:`effilm.eval.report.aggregate`).
+
+    Batches of ``batch_size`` prompts are formed longest first, as the harness orders its requests
+    (less padding); the few-shot prefix every prompt starts with is prefilled once and kept across
+    batches (:func:`effilm.inference.engine.eval_engine`)."""
+    from effilm.inference.engine import eval_engine
     from effilm.inference.sampling import SamplingParams
 
     if shots > len(dev):
         raise EffilmError(f"gsm8k: shots={shots} but the few-shot source has {len(dev)} examples"
                           + ("" if dev else " (give one with dev=FILE, or --shots 0)"))
-    engine = Engine(model, tokenizer, cpu_layout=False, quant_kernel="exact")  # scores: the exact reference
+    engine = eval_engine(model, tokenizer)
     room = (max_length or engine.max_context) - max_gen_toks
     if room < 1:
         raise EffilmError(f"gsm8k: max_gen_toks={max_gen_toks} leaves no room for a prompt in a context of "
@@ -104,13 +108,12 @@ def score_gsm8k(model, tokenizer, items: list[MathItem], dev: list[MathItem], *,
     params = SamplingParams(max_new_tokens=max_gen_toks, temperature=0.0, stop=STOP)
     examples = dev[:shots]
     ids = [engine.encode(prompt(it, examples))[-room:] for it in items]  # cut from the left, as the harness does
+    outs = engine.generate_batches(ids, params, batch_size)
     records = []
-    for start in range(0, len(items), batch_size):
-        outs = engine.generate(ids[start:start + batch_size], params)
-        for it, out in zip(items[start:start + batch_size], outs, strict=True):
-            got = {name: extract(out.text, rx, g) for name, (rx, g) in FILTERS.items()}
-            records.append({"id": it.uid, "subject": it.subject, "source": it.source, "question": it.question,
-                            "target": it.answer_text, "output": out.text, "finish_reason": out.finish_reason,
-                            "extracted": got, "correct": exact_match(got["strict-match"], it.answer),
-                            "correct_norm": exact_match(got["flexible-extract"], it.answer)})
+    for it, out in zip(items, outs, strict=True):
+        got = {name: extract(out.text, rx, g) for name, (rx, g) in FILTERS.items()}
+        records.append({"id": it.uid, "subject": it.subject, "source": it.source, "question": it.question,
+                        "target": it.answer_text, "output": out.text, "finish_reason": out.finish_reason,
+                        "extracted": got, "correct": exact_match(got["strict-match"], it.answer),
+                        "correct_norm": exact_match(got["flexible-extract"], it.answer)})
     return records

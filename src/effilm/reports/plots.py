@@ -352,3 +352,33 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, cfg: PlotConfig |
         paths += _plot_loaded(run, out_dir / name, cfg, notes)
     paths.append(draw_compare(runs, out_dir / "compare_loss.png", cfg))
     return paths
+
+
+def draw_twin_gaps(rows: list[dict], path: str | Path, confidence: float = 0.95, cfg: PlotConfig | None = None) -> Path:
+    """Public-versus-twin gaps, one row per model (``{"label", "public_acc", "twin_acc", "gap", "ci",
+    "flagged"}``): left, both accuracies; right, the gap with its confidence interval, flagged
+    rows in red, the no-gap line at 0."""
+    cfg = cfg or PlotConfig()
+    fig = _figure(1, 2, cfg, height=max(2.2, 0.6 * len(rows) + 1.2))
+    left, right = fig.subplots(1, 2, squeeze=True, sharey=True)
+    ys = list(range(len(rows)))[::-1]
+    for y, r in zip(ys, rows, strict=True):
+        left.plot([r["twin_acc"], r["public_acc"]], [y, y], color="0.7", linewidth=2, zorder=1)
+        left.scatter([r["public_acc"]], [y], color="C0", zorder=2, label="public items" if y == ys[0] else None)
+        left.scatter([r["twin_acc"]], [y], color="C1", marker="s", zorder=2, label="twins" if y == ys[0] else None)
+        color = "C3" if r["flagged"] else "C2"
+        lo, hi = r["ci"]
+        right.errorbar([r["gap"]], [y], xerr=[[r["gap"] - lo], [hi - r["gap"]]], fmt="o", color=color, capsize=4)
+        right.annotate("flagged" if r["flagged"] else "not flagged", (hi, y), xytext=(6, 0),
+                       textcoords="offset points", va="center", fontsize=8, color=color)
+    left.set_yticks(ys, [r["label"] for r in rows])
+    left.set_xlim(-0.02, 1.02)
+    left.set_xlabel("accuracy")
+    left.legend(fontsize=8, loc="lower left")
+    right.axvline(0.0, color="0.4", linestyle=":", linewidth=1)
+    right.set_xlabel(f"gap: public - twins ({round(100 * confidence)}% bootstrap interval)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="x")
+    right.margins(x=0.25)
+    fig.suptitle("Private twins: public items against fresh items of the same templates")
+    return _save(fig, Path(path), cfg)

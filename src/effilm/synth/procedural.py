@@ -45,6 +45,9 @@ class ProceduralConfig:
     records: int = field(default=2000, metadata={"help": "textbook records to write"})
     web_records: int = field(default=2000, metadata={"help": "web-like records to write (0 for none)"})
     quiz: bool = field(default=True, metadata={"help": "write the held-out MMLU-format quiz"})
+    quiz_public_share: float = field(default=1.0, metadata={
+        "help": "share of the facts the quiz asks about; the others are taught but held back for private "
+                "twin benchmarks (effilm twin make --kind quiz --public-share)"})
     domains: list[str] = field(default_factory=lambda: list(ALL_DOMAINS),
                                metadata={"help": f"domains to mix, from {list(ALL_DOMAINS)}"})
     facts_share: float = field(default=0.6, metadata={"help": "fraction of textbook records on table facts"})
@@ -68,6 +71,8 @@ class ProceduralConfig:
         for name in ("records", "web_records", "web_noise_sentences", "chat_records", "preference_records"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"procedural.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.quiz_public_share <= 1.0:
+            raise ConfigError(f"procedural.quiz_public_share must lie in (0, 1], got {self.quiz_public_share}")
         if not 0.0 <= self.facts_share <= 1.0:
             raise ConfigError(f"procedural.facts_share must be in [0, 1], got {self.facts_share}")
         bad = [d for d in self.domains if d not in ALL_DOMAINS]
@@ -262,22 +267,51 @@ def generate_preferences(n_records: int, num_facts: int = 200, seed: int = 0, *,
     return _records(preference_record, n_records, num_facts, seed, start, cfg)
 
 
-def generate_quiz(num_facts: int = 200, seed: int = 0, questions_per_fact: int = 1) -> list[dict]:
+def quiz_split(num_facts: int, seed: int, public_share: float = 1.0) -> tuple[list[F.Fact], list[F.Fact]]:
+    """The seed's facts (``select_facts`` order) split into the public quiz's and the held-back
+    ones, relation by relation: each relation keeps ``round(public_share * n)`` of its ``n`` facts
+    public (at least one, and at least one held back when ``public_share < 1`` and ``n > 1``), so
+    both parts have the same mix of relations. The held-back facts are taught by the corpora like
+    the others but never quizzed: the private twins (:mod:`effilm.synth.twins`) ask about them."""
+    if not 0.0 < public_share <= 1.0:
+        raise ConfigError(f"quiz public_share must lie in (0, 1], got {public_share}")
+    facts = F.select_facts(num_facts, seed)
+    if public_share == 1.0:
+        return facts, []
+    held: set[str] = set()
+    for rel in sorted({f.relation for f in facts}):
+        ids = [f.id for f in facts if f.relation == rel]
+        random.Random(f"quiz-split:{seed}:{rel}").shuffle(ids)
+        n = len(ids)
+        keep = min(max(1, round(public_share * n)), n - 1) if n > 1 else n
+        held.update(ids[keep:])
+    return [f for f in facts if f.id not in held], [f for f in facts if f.id in held]
+
+
+def quiz_items(f: F.Fact, rng: random.Random, questions_per_fact: int = 1) -> list[dict]:
+    """MMLU-format items about fact ``f``: a phrasing from ``domain_facts.QUIZ`` drawn by ``rng``
+    (then the next ones), three plausible distractors, the choices shuffled."""
+    first = rng.randrange(len(F.QUIZ[f.relation]))
+    items = []
+    for q in range(questions_per_fact):
+        choices = [f.answer, *F.distractors(rng, f, 3)]
+        rng.shuffle(choices)
+        items.append({"question": F.quiz_question(first + q, f), "subject": F.SUBJECTS[f.relation],
+                      "choices": choices, "answer": choices.index(f.answer)})
+    return items
+
+
+def generate_quiz(num_facts: int = 200, seed: int = 0, questions_per_fact: int = 1,
+                  public_share: float = 1.0) -> list[dict]:
     """The held-out quiz: one MMLU-format item per fact and phrasing, in ``select_facts`` order.
 
     Items are ``{"question", "subject", "choices" (4), "answer" (0-3)}``. The phrasings come
     from ``domain_facts.QUIZ``, which the corpora never use; distractors are plausible (capitals
-    of the same continent, symbols sharing a letter, nearby atomic numbers).
+    of the same continent, symbols sharing a letter, nearby atomic numbers). With
+    ``public_share < 1`` the quiz asks only the public part of :func:`quiz_split` (an item does not
+    depend on the share: it is seeded by its fact).
     """
     if questions_per_fact < 1:
         raise ConfigError(f"questions_per_fact must be at least 1, got {questions_per_fact}")
-    items = []
-    for f in F.select_facts(num_facts, seed):
-        rng = random.Random(f"quiz:{seed}:{f.id}")
-        first = rng.randrange(len(F.QUIZ[f.relation]))
-        for q in range(questions_per_fact):
-            choices = [f.answer, *F.distractors(rng, f, 3)]
-            rng.shuffle(choices)
-            items.append({"question": F.quiz_question(first + q, f), "subject": F.SUBJECTS[f.relation],
-                          "choices": choices, "answer": choices.index(f.answer)})
-    return items
+    public, _ = quiz_split(num_facts, seed, public_share)
+    return [it for f in public for it in quiz_items(f, random.Random(f"quiz:{seed}:{f.id}"), questions_per_fact)]

@@ -194,7 +194,9 @@ class Run:
             from effilm.synth import procedural
 
             quiz = self.out / "quiz.jsonl"
-            entry = write_shard(quiz, procedural.generate_quiz(self.recipe.procedural.num_facts, self.recipe.seed))
+            entry = write_shard(quiz, procedural.generate_quiz(
+                self.recipe.procedural.num_facts, self.recipe.seed,
+                public_share=self.recipe.procedural.quiz_public_share))
             m["quiz"] = {"file": "quiz.jsonl", **entry}
 
     def _teacher_backend(self):
