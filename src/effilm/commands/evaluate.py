@@ -154,10 +154,11 @@ def cmd_twin_eval(args) -> int:
     cfg = from_args(EvalConfig, args)
     tcfg = from_args(TwinEvalConfig, args)
     spec = read_spec(args.twins)  # before loading the model: a bad directory fails fast
-    corpus_report, check = _contamination(args, twin_tasks(args.twins, spec))
+    tasks = twin_tasks(args.twins, spec)
+    corpus_report, check = _contamination(args, tasks)
     model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device))
     report = evaluate_twins(model, tokenizer, args.twins, cfg, tcfg, model_path=args.model,
-                            corpus_report=corpus_report, contamination_check=check)
+                            corpus_report=corpus_report, contamination_check=check, spec=spec, tasks=tasks)
     atomic_write_json(args.output, report)
     print(format_table(report))
     print(format_gaps(report))

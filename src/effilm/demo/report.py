@@ -63,7 +63,8 @@ def _twin_blocks(tw: dict, plots: dict[str, Path]) -> list:
                      f"{m['ngram_contaminated']}/{a['n_public']}"])
     blocks = [
         "**Private twins.** n-gram decontamination sees verbatim leaks only. The quiz asks "
-        f"{round(100 * g['public_share'])}% of the taught facts; the twins ask the other {a['n_twins']} (taught "
+        f"{round(100 * g['public_share'])}% of the taught facts; the twins ask the other "
+        f"{tw['spec']['files']['twins']['items']} (taught "
         "alike by the corpora) in the quiz's own phrasings, with fresh distractors (`effilm twin make`, seed "
         f"{g['seed']}, twin seed {g['twin_seed']}). A model that learned the facts scores the same on both; one that "
         "saw the public items scores higher on them. `dense-contaminated` is deliberately contaminated: dense-web "

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from effilm.demo.config import DemoConfig
+from effilm.eval.tasks import LETTERS
 from effilm.io import atomic_write_json
 
 CONTAMINATED = "dense-contaminated"
@@ -28,15 +29,15 @@ COMPARED = ("dense-web", "dense-textbook", CONTAMINATED)  # the clean models: th
 LEAK = "quiz_leak"
 
 
-def leak_documents(items: list[dict]) -> list[dict]:
-    """Each public item with its answer, twice: as the cloze prompt answered and as an MMLU-style
-    listing with the answer letter."""
+def leak_documents(items: list) -> list[dict]:
+    """Each public item (``effilm.eval.tasks.Item``) with its answer, twice: as the cloze prompt
+    answered and as an MMLU-style listing with the answer letter."""
     docs = []
     for i, it in enumerate(items):
-        answer = it["choices"][it["answer"]]
-        listing = "\n".join([it["question"], *(f"{'ABCD'[k]}. {c}" for k, c in enumerate(it["choices"]))])
-        docs.append({"id": f"leak-{i}-cloze", "text": f"Question: {it['question']}\nAnswer: {answer}"})
-        docs.append({"id": f"leak-{i}-listing", "text": f"{listing}\nAnswer: {'ABCD'[it['answer']]} ({answer})"})
+        answer = it.choices[it.answer]
+        listing = "\n".join([it.question, *(f"{LETTERS[k]}. {c}" for k, c in enumerate(it.choices))])
+        docs.append({"id": f"leak-{i}-cloze", "text": f"Question: {it.question}\nAnswer: {answer}"})
+        docs.append({"id": f"leak-{i}-listing", "text": f"{listing}\nAnswer: {LETTERS[it.answer]} ({answer})"})
     return docs
 
 
@@ -52,14 +53,13 @@ def twins_stage(cfg: DemoConfig, summary: dict, out: Path, log=print) -> dict:
     from effilm.eval.tasks import load_task
     from effilm.eval.twins import TwinEvalConfig, evaluate_twins
     from effilm.formats.load import load_model_and_tokenizer
-    from effilm.io import iter_jsonl
 
     synth, trained = summary["synthesize"], summary["train"]
     twin_dir = Path(synth["twins"]["dir"])
     quiz = load_task(quiz_spec(Path(synth["quiz"]["path"])))
     # the leaked corpus, tokenized with the demo's tokenizer
     leak = out / f"{LEAK}.jsonl"
-    n_docs = write_jsonl(leak, leak_documents([rec for _, rec in iter_jsonl(synth["quiz"]["path"])]))
+    n_docs = write_jsonl(leak, leak_documents(quiz.items))
     found = find_contamination([quiz], [leak], decontam_config(cfg))["benchmarks"][0]
     tokens = out / "tokens" / LEAK
     if tokens.exists():

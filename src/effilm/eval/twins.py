@@ -113,14 +113,15 @@ def twin_gaps(report: dict, cfg: TwinEvalConfig) -> dict:
 
 def evaluate_twins(model, tokenizer, twin_dir: str | Path, eval_cfg, cfg: TwinEvalConfig | None = None, *,
                    model_path: str | None = None, corpus_report: dict | None = None,
-                   contamination_check: dict | None = None) -> dict:
+                   contamination_check: dict | None = None, spec: dict | None = None, tasks: list | None = None) -> dict:
     """Score ``model`` on the public set and the twins of ``twin_dir`` with ``eval_cfg`` (an
-    :class:`effilm.eval.scoring.EvalConfig`) and report the gap of every metric."""
+    :class:`effilm.eval.scoring.EvalConfig`) and report the gap of every metric. ``spec`` and
+    ``tasks``: ``read_spec`` and ``twin_tasks`` of ``twin_dir``, when the caller has them already."""
     from effilm.eval.report import run_evaluation
 
     cfg = cfg or TwinEvalConfig()
-    spec = read_spec(twin_dir)
-    tasks = twin_tasks(twin_dir, spec)
+    spec = spec if spec is not None else read_spec(twin_dir)
+    tasks = tasks if tasks is not None else twin_tasks(twin_dir, spec)
     report = run_evaluation(model, tokenizer, tasks, eval_cfg, model_path=model_path, corpus_report=corpus_report,
                             contamination_check=contamination_check)
     gaps = twin_gaps(report, cfg)

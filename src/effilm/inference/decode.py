@@ -374,6 +374,21 @@ def _moe_into(L: _Layer, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.add_(moe.mix(xn, topk_ids_TK, topk_w_TK))
 
 
+def _rotated_qk(L: _Layer, qkv: torch.Tensor, cos, sin_signed) -> torch.Tensor:
+    """The queries and keys of ``qkv`` [..., H + 2 * H_kv, hd] (heads on the second-last axis),
+    q/k-normed where the model norms them, rotated on their first ``rot`` dimensions (rotate-half
+    as a roll of the halves and one multiply-add; cos, sin broadcast over heads): [..., H + H_kv, hd]."""
+    H, Hkv, hd = L.H, L.Hkv, L.hd
+    if L.att.q_norm is not None:
+        qk = torch.cat([L.att.q_norm(qkv[..., :H, :]), L.att.k_norm(qkv[..., H:H + Hkv, :])], dim=-2)
+    else:
+        qk = qkv[..., :H + Hkv, :]
+    rot = cos.shape[-1]
+    x_rot = qk[..., :rot]
+    qk_rot = torch.addcmul(x_rot * cos, torch.roll(x_rot, rot // 2, -1), sin_signed)
+    return torch.cat([qk_rot, qk[..., rot:]], dim=-1) if rot < hd else qk_rot
+
+
 class SharedKV:
     """The keys and values of a prompt prefix that every row of a decode batch starts with (at
     positions 0..n-1), held once: per layer [H_kv, n, hd]. With it a decode step reads the rows'
@@ -430,16 +445,7 @@ def _attend_one(L: _Layer, h, cos, sin_signed, key_mask, cache: KVCache, layer: 
     B = h.shape[0]
     H, Hkv, hd = L.H, L.Hkv, L.hd
     qkv = L.qkv(h).view(B, H + 2 * Hkv, hd)
-    if L.att.q_norm is not None:
-        qk = torch.cat([L.att.q_norm(qkv[:, :H]), L.att.k_norm(qkv[:, H:H + Hkv])], dim=1)
-    else:
-        qk = qkv[:, :H + Hkv]
-    rot = cos.shape[-1]  # cos, sin: [B|1, 1, rot], broadcast over heads
-    x_rot = qk[..., :rot]
-    flipped = torch.roll(x_rot, rot // 2, -1)  # the halves swapped (one copy, cheaper than flip)
-    qk_rot = torch.addcmul(x_rot * cos, flipped, sin_signed)
-    if rot < hd:
-        qk_rot = torch.cat([qk_rot, qk[..., rot:]], dim=-1)
+    qk_rot = _rotated_qk(L, qkv, cos, sin_signed)  # cos, sin: [B|1, 1, rot]
     start = cache.length
     end = start + 1
     kc, vc = cache.k[layer], cache.v[layer]
@@ -460,6 +466,17 @@ def _attend_one(L: _Layer, h, cos, sin_signed, key_mask, cache: KVCache, layer: 
     q = qk_rot[:, :H, None]  # [B, H, 1, hd]
     y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=H != Hkv)
     return y.view(B, H * hd)  # [B, H, 1, hd] has the memory layout of [B, H * hd]
+
+
+def _block_rest(L: _Layer, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The block after its attention residual ``a`` (``x``: the block's input): dense a + MLP(norm(a));
+    MoE a + MoE(norm(a)); Arctic a + ResidualMLP(norm(a)) + MoE(norm(x)), the MoE reading the
+    block's input."""
+    if L.kind == "D":
+        return _mlp_into(L, a)
+    if L.kind == "M":
+        return _moe_into(L, a, a)
+    return _moe_into(L, _mlp_into(L, a), x)
 
 
 def _mlp_into(L: _Layer, a: torch.Tensor) -> torch.Tensor:
@@ -507,13 +524,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, cache: KVCache, positi
         bias = False
     for i, L in enumerate(plan.layers):
         y = _attend_one(L, L.attn_norm(x), cos, sin, key_mask, cache, i, window, shared, bias)
-        a = L.o.add_to(x, y)
-        if L.kind == "D":
-            x = _mlp_into(L, a)
-        elif L.kind == "M":
-            x = _moe_into(L, a, a)
-        else:  # Arctic: a + ResidualMLP(norm(a)) + MoE(norm(x)), the MoE reading the block's input
-            x = _moe_into(L, _mlp_into(L, a), x)
+        x = _block_rest(L, L.o.add_to(x, y), x)
     cache.length += 1
     return plan.head(plan.norm(x))
 
@@ -524,15 +535,7 @@ def _attend_prompt(L: _Layer, h, cos, sin_signed, mask, cache: KVCache, layer: i
     the output before the ``o`` projection, [B*T, H * hd]."""
     H, Hkv, hd = L.H, L.Hkv, L.hd
     qkv = L.qkv(h).view(B, T, H + 2 * Hkv, hd)
-    if L.att.q_norm is not None:
-        qk = torch.cat([L.att.q_norm(qkv[:, :, :H]), L.att.k_norm(qkv[:, :, H:H + Hkv])], dim=2)
-    else:
-        qk = qkv[:, :, :H + Hkv]
-    rot = cos.shape[-1]  # cos, sin: [B|1, T, 1, rot], broadcast over heads
-    x_rot = qk[..., :rot]
-    qk_rot = torch.addcmul(x_rot * cos, torch.roll(x_rot, rot // 2, -1), sin_signed)
-    if rot < hd:
-        qk_rot = torch.cat([qk_rot, qk[..., rot:]], dim=-1)
+    qk_rot = _rotated_qk(L, qkv, cos, sin_signed)  # cos, sin: [B|1, T, 1, rot]
     start = cache.length
     end = start + T
     kc, vc = cache.k[layer], cache.v[layer]
@@ -566,13 +569,7 @@ def prefill(model: Transformer, input_ids: torch.Tensor, cache: KVCache, positio
     x = F.embedding(input_ids.reshape(-1), model.embed.weight)  # [B*T, D]
     for i, L in enumerate(plan.layers):
         y = _attend_prompt(L, L.attn_norm(x), cos, sin, mask, cache, i, B, T)
-        a = L.o.add_to(x, y)
-        if L.kind == "D":
-            x = _mlp_into(L, a)
-        elif L.kind == "M":
-            x = _moe_into(L, a, a)
-        else:
-            x = _moe_into(L, _mlp_into(L, a), x)
+        x = _block_rest(L, L.o.add_to(x, y), x)
     cache.length = start + T
     return plan.head(plan.norm(x.view(B, T, -1)[:, -1]))
 
@@ -595,15 +592,7 @@ def _attend_packed(L: _Layer, h, cos, sin_signed, cache: KVCache, layer: int, ro
     H, Hkv, hd = L.H, L.Hkv, L.hd
     N = h.shape[0]
     qkv = L.qkv(h).view(N, H + 2 * Hkv, hd)
-    if L.att.q_norm is not None:
-        qk = torch.cat([L.att.q_norm(qkv[:, :H]), L.att.k_norm(qkv[:, H:H + Hkv])], dim=1)
-    else:
-        qk = qkv[:, :H + Hkv]
-    rot = cos.shape[-1]  # cos, sin: [N, 1, rot], broadcast over heads
-    x_rot = qk[..., :rot]
-    qk_rot = torch.addcmul(x_rot * cos, torch.roll(x_rot, rot // 2, -1), sin_signed)
-    if rot < hd:
-        qk_rot = torch.cat([qk_rot, qk[..., rot:]], dim=-1)
+    qk_rot = _rotated_qk(L, qkv, cos, sin_signed)  # cos, sin: [N, 1, rot]
     kc, vc = cache.k[layer], cache.v[layer]
     out = torch.empty(N, H, hd, dtype=qkv.dtype, device=qkv.device)
     for r in rows:
@@ -663,13 +652,7 @@ def prefill_packed(model: Transformer, input_ids: torch.Tensor, cache: KVCache, 
     x = F.embedding(torch.cat(toks), model.embed.weight)  # [N, D]
     for i, L in enumerate(plan.layers):
         y = _attend_packed(L, L.attn_norm(x), cos, sin, cache, i, rows, end)
-        a = L.o.add_to(x, y)
-        if L.kind == "D":
-            x = _mlp_into(L, a)
-        elif L.kind == "M":
-            x = _moe_into(L, a, a)
-        else:
-            x = _moe_into(L, _mlp_into(L, a), x)
+        x = _block_rest(L, L.o.add_to(x, y), x)
     cache.length = end
     last = torch.tensor([r.off + r.T - 1 for r in rows], device=dev)
     return plan.head(plan.norm(x.index_select(0, last)))
